@@ -1,0 +1,33 @@
+"""`python -m clipadapt.extract <overrides>`: compute and cache the features a cell needs, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from clipadapt.app import CONFIG_DIR, guarded
+
+log = logging.getLogger(__name__)
+
+
+def extract(cfg: DictConfig) -> dict:
+    from clipadapt.methods import METHODS
+    from clipadapt.methods.base import method_config
+    from clipadapt.run import image_task_data, resolve_device
+
+    needs_dense = METHODS[method_config(cfg.method).name].needs_dense
+    data = image_task_data(cfg, needs_dense, resolve_device(cfg.device))
+    sizes = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
+    log.info("features cached under %s: %s", cfg.paths.cache_dir, sizes)
+    return sizes
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    guarded(lambda: extract(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The feature cache: CLIP features computed once per image and view, stored memory-mapped, reused by every run.
+
+Layout: <cache_dir>/<dataset>/<backbone>/<view>-<kind>-<key hash>/ holds `key.json` (what the hash covers:
+backbone and weights, preprocessing, view, kind, format version) and immutable shards
+`shard-<hash>/{paths.json, features.npy, meta.json}`. A shard is written to a temporary folder and renamed, so it
+is either complete or absent. A run that needs images the entry lacks computes only those, under a file lock, so
+concurrent sweep jobs do not duplicate or corrupt work: one computes, the others wait and reuse.
+
+Arrays are [N, V, D] (global) or [N, V, M, D] (dense); V is the number of views (1 for the plain view, the
+augmented views for training). Reads are memory-mapped, so a test set larger than RAM can be streamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from filelock import FileLock
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+# Part of every augmented entry's key: change the augmentation, change this text.
+AUGMENTATION = "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5), seeded per (path, view)"
+
+
+def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 tensor of cached (fp16, possibly read-only memory-mapped) rows: one copy, no aliasing."""
+    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
+
+
+def backbone_key(model: str, pretrained: str | None, dense: str) -> dict:
+    """What identifies a backbone's outputs in cache keys; a local weights file counts by path, size and mtime."""
+    key = {"model": model, "pretrained": pretrained, "dense": dense}
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        key.update(pretrained=str(Path(pretrained).resolve()), weights=f"{stat.st_size}:{stat.st_mtime_ns}")
+    return key
+
+
+@dataclass
+class FeatureSet:
+    """Features of a list of images: `image` [N, V, D], optional `dense` [N, V, M, D], `labels` [N]."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    dense: np.ndarray | None = None
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, rows: np.ndarray) -> "FeatureSet":
+        return FeatureSet(
+            self.image[rows], self.labels[rows], None if self.dense is None else self.dense[rows],
+            [self.paths[r] for r in rows] if self.paths else [],
+        )
+
+
+@dataclass(frozen=True)
+class View:
+    """How images are turned into pixels: the plain preprocessing, or `count` seeded augmentations per image."""
+
+    name: str  # "plain" | "augment"
+    count: int = 1
+    seed: int = 0
+
+    @property
+    def tag(self) -> str:
+        return "plain" if self.name == "plain" else f"augment{self.count}x-s{self.seed}"
+
+
+def _digest(payload: object, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _fingerprint(path: Path) -> str:
+    """Size plus a hash of the first and last MiB: catches truncation and overwrites without reading GBs."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return f"{size}:{hashlib.sha1(head + tail).hexdigest()}"
+
+
+class CacheEntry:
+    """One (backbone, dataset, view, kind) entry: a set of immutable shards keyed by image path."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = folder
+        self.key = key
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file = folder / "key.json"
+        if not key_file.exists():
+            tmp = key_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
+            tmp.replace(key_file)
+        self.lock = FileLock(str(folder / ".lock"))
+
+    def _shards(self) -> list[tuple[Path, list[str]]]:
+        return [(s, json.loads((s / "paths.json").read_text())) for s in sorted(self.folder.glob("shard-*")) if (s / "meta.json").exists()]
+
+    def _open(self, shard: Path) -> np.ndarray | None:
+        """The shard's array, memory-mapped; None (and the shard removed) when it is truncated or corrupt."""
+        try:
+            meta = json.loads((shard / "meta.json").read_text())
+            array = np.load(shard / "features.npy", mmap_mode="r")
+            if list(array.shape) != meta["shape"] or _fingerprint(shard / "features.npy") != meta["fingerprint"]:
+                raise ValueError("shape or fingerprint differs from meta.json")
+            return array
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("cache shard %s is corrupt (%s): removing it and recomputing", shard, error)
+            shutil.rmtree(shard, ignore_errors=True)
+            return None
+
+    def _write(self, paths: list[str], array: np.ndarray) -> None:
+        name = f"shard-{_digest(paths)}"
+        tmp = self.folder / f"{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "paths.json").write_text(json.dumps(paths))
+        np.save(tmp / "features.npy", array)
+        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "fingerprint": _fingerprint(tmp / "features.npy")}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = self.folder / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+
+    def get(self, paths: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """Features of `paths` in order, computing (and storing) only those not cached yet."""
+        paths = list(paths)
+        with self.lock:
+            found = self._index()
+            missing = list(dict.fromkeys(p for p in paths if p not in found))
+            if missing:
+                self._write(missing, compute(missing))
+                found = self._index()
+        return self._gather(paths, found)
+
+    def _index(self) -> dict[str, tuple[Path, int]]:
+        index: dict[str, tuple[Path, int]] = {}
+        for shard, shard_paths in self._shards():
+            if self._open(shard) is not None:
+                index.update((p, (shard, row)) for row, p in enumerate(shard_paths))
+        return index
+
+    def _gather(self, paths: list[str], index: dict[str, tuple[Path, int]]) -> np.ndarray:
+        shards = {shard for shard, _ in (index[p] for p in paths)}
+        if len(shards) == 1:
+            shard = shards.pop()
+            array = np.load(shard / "features.npy", mmap_mode="r")
+            rows = np.array([index[p][1] for p in paths])
+            if len(rows) == len(array) and np.array_equal(rows, np.arange(len(array))):
+                return array  # the whole shard in order: stay memory-mapped (the large test-set case)
+            return np.asarray(array[rows])
+        arrays = {s: np.load(s / "features.npy", mmap_mode="r") for s in shards}
+        return np.stack([arrays[index[p][0]][index[p][1]] for p in paths])
+
+
+class _ImageViews(torch.utils.data.Dataset):
+    """(image, view) pairs -> pixels; augmentation seeded per (path, view) so a feature never depends on batching."""
+
+    def __init__(self, root: Path, paths: list[str], view: View, plain, augment):
+        self.root, self.paths, self.view, self.plain, self.augment = root, paths, view, plain, augment
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.view.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path, view_index = self.paths[index // self.view.count], index % self.view.count
+        with Image.open(self.root / path) as image:
+            image = image.convert("RGB")
+            if self.view.name == "plain":
+                return self.plain(image)
+            seed = int(_digest([path, view_index, self.view.seed], 8), 16)
+            torch.manual_seed(seed)
+            return self.augment(image)
+
+
+def augmentation_for(preprocess, image_size: int):
+    """Tip-Adapter's train views: random-resized-crop (scale 0.5-1, bicubic) + flip, with the model's normalisation."""
+    from torchvision import transforms
+
+    normalize = next(t for t in preprocess.transforms if isinstance(t, transforms.Normalize))
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ToTensor(),
+        normalize,
+    ])
+
+
+class FeatureExtractor:
+    """Turns (dataset, image list, view) into cached features; the CLIP model is loaded only on a cache miss."""
+
+    def __init__(self, cache_dir: Path, dataset: str, image_root: Path, backbone_name: str, backbone_key: dict,
+                 load_backbone: Callable[[], object], batch_size: int = 64, num_workers: int = 2, dtype: str = "float16"):
+        self.cache_dir, self.dataset, self.image_root = Path(cache_dir), dataset, Path(image_root)
+        self.backbone_name, self.backbone_key = backbone_name, backbone_key
+        self._load_backbone, self._backbone = load_backbone, None
+        self.batch_size, self.num_workers, self.dtype = batch_size, num_workers, np.dtype(dtype)
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = self._load_backbone()
+        return self._backbone
+
+    def entry(self, tag: str, kind: str, extra: dict | None = None) -> CacheEntry:
+        key = {"version": CACHE_FORMAT_VERSION, "backbone": self.backbone_key, "dataset": self.dataset,
+               "image_root": str(self.image_root), "view": tag, "kind": kind, "dtype": str(self.dtype), **(extra or {})}
+        return CacheEntry(self.cache_dir / self.dataset / self.backbone_name / f"{tag}-{kind}-{_digest(key)}", key)
+
+    def images(self, paths: Sequence[str], labels: Sequence[int], view: View, dense: bool = False) -> FeatureSet:
+        """Global (and, if asked, dense) features of these images under `view`."""
+        extra = {"augmentation": AUGMENTATION} if view.name == "augment" else {}
+        global_entry = self.entry(view.tag, "global", extra)
+        dense_entry = self.entry(view.tag, f"dense-{self.backbone_key['dense']}", extra) if dense else None
+        pending_dense: dict[str, np.ndarray] = {}
+
+        def compute_global(missing: list[str]) -> np.ndarray:
+            global_features, dense_features = self._encode(missing, view, dense)
+            if dense_features is not None:  # one pass gives both kinds: keep the dense ones for their entry
+                pending_dense.update(zip(missing, dense_features))
+            return global_features
+
+        def compute_dense(missing: list[str]) -> np.ndarray:
+            if all(p in pending_dense for p in missing):
+                return np.stack([pending_dense[p] for p in missing])
+            return self._encode(missing, view, True)[1]
+
+        image = global_entry.get(paths, compute_global)
+        dense_array = dense_entry.get(paths, compute_dense) if dense_entry is not None else None
+        return FeatureSet(image=image, labels=np.asarray(labels, dtype=np.int64), dense=dense_array, paths=list(paths))
+
+    def text(self, classnames: list[str], templates: list[str]) -> np.ndarray:
+        """Class text features [K, D], cached like image features (keyed by the exact prompts)."""
+        entry = self.entry("text", "classifier", {"templates": templates})
+        names = [f"{i}:{name}" for i, name in enumerate(classnames)]
+        return entry.get(names, lambda missing: self.backbone.encode_texts(
+            [n.split(":", 1)[1] for n in missing], templates).cpu().numpy().astype(self.dtype))
+
+    @torch.no_grad()
+    def _encode(self, paths: list[str], view: View, dense: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        from tqdm import tqdm
+
+        backbone = self.backbone
+        augment = augmentation_for(backbone.preprocess, backbone.image_size) if view.name == "augment" else None
+        loader = torch.utils.data.DataLoader(
+            _ImageViews(self.image_root, paths, view, backbone.preprocess, augment),
+            batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=backbone.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        globals_, denses = [], []
+        for pixels in tqdm(loader, desc=f"{self.dataset} {view.tag} features", unit="batch", leave=False):
+            g, d = backbone.encode_images(pixels, dense=dense)
+            globals_.append(g.cpu().numpy().astype(self.dtype))
+            if d is not None:
+                denses.append(d.cpu().numpy().astype(self.dtype))
+        g = np.concatenate(globals_).reshape(len(paths), view.count, -1)
+        d = np.concatenate(denses).reshape(len(paths), view.count, *denses[0].shape[1:]) if denses else None
+        return g, d

@@ -1,0 +1,125 @@
+"""What every method is: a small nn.Module registered by name, with its own config schema.
+
+A method sees a `FewShotTask` (class text features, cached train/val features, and, for methods that learn tokens,
+the prompt encoder) and maps a `Batch` of cached image features to logits. The one training loop in engine.py
+trains whatever parameters it leaves trainable; the hooks `setup` (before training) and `tune` (after training,
+on the few-shot val draw only) cover closed-form fits and hyperparameter searches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import nn
+
+from clipadapt.features import FeatureSet, to_tensor
+
+LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every method uses it for zero-shot terms
+
+
+@dataclass
+class TrainSchema:
+    epochs: int = 0  # 0: training-free
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    eps: float = 1e-8  # adamw
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    views: str = "augment"  # cached train views the loop samples from: augment | plain
+
+
+@dataclass
+class MethodSchema:
+    name: str = MISSING
+    fidelity: str = "as published"  # "reconstructed" where the paper's text or code was not available
+    train: TrainSchema = field(default_factory=TrainSchema)
+
+
+@dataclass
+class Batch:
+    """A batch of cached features: global [B, D] and, for dense-feature methods, [B, M, D]."""
+
+    image: torch.Tensor
+    dense: torch.Tensor | None = None
+
+
+@dataclass
+class FewShotTask:
+    classnames: list[str]
+    templates: list[str]
+    text: torch.Tensor  # [K, D] normalised class text features (the zero-shot classifier)
+    train: FeatureSet  # image [N, 1 + V, D]: view 0 plain, views 1..V augmented
+    val: FeatureSet | None
+    device: torch.device
+    prompt_encoder: Callable[[], nn.Module] = field(repr=False, default=None)
+    seed: int = 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.text.shape[0]
+
+    def train_tensor(self, views: slice = slice(None)) -> torch.Tensor:
+        return to_tensor(self.train.image[:, views], self.device)
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `Config`, implement `forward`, and register with `@register_method`."""
+
+    Config: ClassVar[type] = MethodSchema
+    needs_dense: ClassVar[bool] = False
+
+    def __init__(self, cfg: DictConfig, task: FewShotTask):
+        super().__init__()
+        self.cfg = cfg
+        self.task = task
+        self.register_buffer("text", task.text.float())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(batch), labels)
+
+    def setup(self) -> None:
+        """Before training: closed-form fits, caches built from train features."""
+
+    def tune(self, val: FeatureSet | None) -> dict:
+        """After training: hyperparameter searches on the few-shot val draw; returns what was chosen."""
+        return {}
+
+    def zero_shot_logits(self, image: torch.Tensor) -> torch.Tensor:
+        return LOGIT_SCALE * image @ self.text.t()
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def add(cls: type[Method]) -> type[Method]:
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def method_config(node: DictConfig) -> DictConfig:
+    """The method node checked against its class's schema: unknown keys and wrong types fail here, in one line."""
+    from clipadapt.methods import METHODS as registered
+
+    if node.name not in registered:
+        raise ValueError(f"unknown method {node.name!r}: use one of {sorted(registered)}")
+    schema = OmegaConf.structured(registered[node.name].Config)
+    return OmegaConf.merge(schema, node)
+
+
+def build_method(node: DictConfig, task: FewShotTask) -> Method:
+    cfg = method_config(node)
+    return METHODS[cfg.name](cfg, task).to(task.device)
