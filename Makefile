@@ -1,0 +1,53 @@
+# clipadapt: `make run` runs the default experiment, `make test` the offline test suite.
+# TORCH=cpu (default) installs the local CPU torch wheel; TORCH=gpu a CUDA build from PyPI.
+# ARGS='<hydra overrides>' is passed to run, demo, train and sweep.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= cpu
+ARGS   ?=
+export PIP_CONSTRAINT := $(CURDIR)/constraints-$(TORCH).txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install run demo train extract test bench data report sweep clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed-$(TORCH): pyproject.toml constraints-$(TORCH).txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(VENV)/.installed-$(TORCH) ## create .venv and install the project (TORCH=cpu|gpu)
+
+run: install ## the default experiment: Tip-Adapter-F, EuroSAT, 16 shots, RN50/OpenAI (needs the internet once)
+	$(PY) -m clipadapt.train $(ARGS)
+
+demo: install ## the same pipeline offline, on synthetic images and a tiny random-init CLIP
+	HF_HUB_OFFLINE=1 $(PY) -m clipadapt.train dataset=synthetic backbone=tiny logger=none $(ARGS)
+
+train: install ## one cell (or a grid with ARGS='-m ...')
+	$(PY) -m clipadapt.train $(ARGS)
+
+extract: install ## compute and cache features only
+	$(PY) -m clipadapt.extract $(ARGS)
+
+test: install ## the offline test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install ## speed figures (scripts/bench.py)
+	$(PY) scripts/bench.py $(ARGS)
+
+data: install ## download and prepare datasets: make data DATASETS='eurosat dtd'
+	$(PY) -m clipadapt.prepare $(or $(DATASETS),eurosat)
+
+report: install ## tables and plots of sweep folders: make report SWEEPS='outputs/multirun/...'
+	$(PY) -m clipadapt.report $(or $(SWEEPS),outputs/multirun)
+
+sweep: install ## the 11-dataset x shots x seeds grid for METHOD (default tip_adapter_f)
+	$(PY) -m clipadapt.train -m +sweep=grid method=$(or $(METHOD),tip_adapter_f) $(ARGS)
+
+clean-outputs: ## remove Hydra outputs (not the feature cache)
+	rm -rf outputs multirun
