@@ -59,8 +59,11 @@ class FewShotTask:
     train: FeatureSet  # image [N, 1 + V, D]: view 0 plain, views 1..V augmented
     val: FeatureSet | None
     device: torch.device
-    prompt_encoder: Callable[[], nn.Module] = field(repr=False, default=None)
+    prompt_encoder: Callable[[], nn.Module] = field(repr=False, default=None)  # lazy: loads the text tower
     seed: int = 1
+    # base-to-new: the label-only classes (names and text features, no images); methods such as SHIP use them
+    new_classnames: list[str] = field(default_factory=list)
+    new_text: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +97,14 @@ class Method(nn.Module):
     def tune(self, val: FeatureSet | None) -> dict:
         """After training: hyperparameter searches on the few-shot val draw; returns what was chosen."""
         return {}
+
+    def retarget(self, classnames: list[str], text: torch.Tensor) -> None:
+        """Point the trained method at another class set (new classes, another dataset) for evaluation.
+
+        The default swaps the zero-shot classifier; methods whose state depends on the class set override it
+        (or raise when the method cannot transfer to unseen classes).
+        """
+        self.text = text.to(self.text)
 
     def zero_shot_logits(self, image: torch.Tensor) -> torch.Tensor:
         return LOGIT_SCALE * image @ self.text.t()
