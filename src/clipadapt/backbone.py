@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # Tiny random-init models for tests and the offline demo (64 px images, 4x4 = 16 dense tokens).
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
+RANDOM_INIT_SEED = 0
 
 
 class BackboneError(RuntimeError):
@@ -52,11 +53,22 @@ def _check_offline_tag(model: str, pretrained: str) -> None:
         )
     except Exception:  # noqa: BLE001 - an unreadable hub cache just means "not cached"
         cached = False
-    if not cached and os.environ.get("HF_HUB_OFFLINE") == "1":
+    if not cached and (os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()):
         raise BackboneError(
-            f"pretrained weights {model}/{pretrained} are not in the local hub cache and HF_HUB_OFFLINE=1: "
-            f"download them once with network, or pass a local file: backbone.pretrained=/path/to/weights.pt"
+            f"pretrained weights {model}/{pretrained} are not cached and the model hub cannot be reached: "
+            f"connect once to download them, or pass a local file: backbone.pretrained=/path/to/weights.pt"
         )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub: offline machines answer in seconds instead of a minute of download retries."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class ClipBackbone(nn.Module):
@@ -72,7 +84,9 @@ class ClipBackbone(nn.Module):
         if pretrained:
             _check_offline_tag(model, pretrained)
         try:
-            clip, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained or None)
+            with torch.random.fork_rng():  # a random-init model is the same model in every process
+                torch.manual_seed(RANDOM_INIT_SEED)
+                clip, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained or None)
         except Exception as error:  # hub/network failures surface as many exception types
             raise BackboneError(
                 f"could not load {model}/{pretrained}: {error.__class__.__name__}: {str(error).splitlines()[0]} "

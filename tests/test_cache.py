@@ -1,0 +1,130 @@
+"""The feature cache: computed once, atomic shards, corruption detected, concurrent jobs share one computation."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipadapt.features import CacheEntry, FeatureExtractor, View, backbone_key
+
+
+def fake_features(paths: list[str]) -> np.ndarray:
+    """Deterministic per path: row i depends only on paths[i]."""
+    return np.stack([np.full((1, 4), sum(map(ord, p)), dtype=np.float16) for p in paths])
+
+
+class Counting:
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, paths):
+        self.calls.append(list(paths))
+        return fake_features(paths)
+
+
+def test_computes_only_missing_images(tmp_path):
+    entry, compute = CacheEntry(tmp_path / "e", {"k": 1}), Counting()
+    first = entry.get(["a", "b"], compute)
+    second = entry.get(["b", "c", "a"], compute)
+    third = entry.get(["c", "a", "b"], compute)
+    assert compute.calls == [["a", "b"], ["c"]]
+    np.testing.assert_array_equal(second, fake_features(["b", "c", "a"]))
+    np.testing.assert_array_equal(third, fake_features(["c", "a", "b"]))
+    np.testing.assert_array_equal(first, fake_features(["a", "b"]))
+
+
+def test_whole_shard_in_order_stays_memory_mapped(tmp_path):
+    entry = CacheEntry(tmp_path / "e", {"k": 1})
+    entry.get(["a", "b", "c"], fake_features)
+    assert isinstance(entry.get(["a", "b", "c"], fake_features), np.memmap)
+    assert not isinstance(entry.get(["c", "a"], fake_features), np.memmap)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "delete_meta"])
+def test_corrupt_shard_is_recomputed(tmp_path, damage):
+    entry, compute = CacheEntry(tmp_path / "e", {"k": 1}), Counting()
+    entry.get(["a", "b"], compute)
+    shard = next((tmp_path / "e").glob("shard-*"))
+    array_file = shard / "features.npy"
+    if damage == "truncate":
+        array_file.write_bytes(array_file.read_bytes()[:-6])
+    elif damage == "overwrite":
+        data = bytearray(array_file.read_bytes())
+        data[-4:] = b"\x00\x7c\x00\x7c"
+        array_file.write_bytes(bytes(data))
+    else:
+        (shard / "meta.json").unlink()  # an interrupted write: never renamed into place in practice
+    np.testing.assert_array_equal(entry.get(["a", "b"], compute), fake_features(["a", "b"]))
+    assert compute.calls == [["a", "b"], ["a", "b"]]
+
+
+def test_leftover_temporary_folder_is_ignored(tmp_path):
+    entry = CacheEntry(tmp_path / "e", {"k": 1})
+    (tmp_path / "e" / "shard-abc.tmp123").mkdir()
+    compute = Counting()
+    entry.get(["a"], compute)
+    assert compute.calls == [["a"]]
+
+
+def _worker(folder: str, log: str) -> None:
+    def compute(paths):
+        with open(log, "a") as f:
+            f.write(",".join(paths) + "\n")
+        return fake_features(paths)
+
+    CacheEntry(Path(folder), {"k": 1}).get([f"img{i}" for i in range(50)], compute)
+
+
+def test_concurrent_jobs_compute_once(tmp_path):
+    log = tmp_path / "computed.txt"
+    context = multiprocessing.get_context("spawn")
+    jobs = [context.Process(target=_worker, args=(str(tmp_path / "e"), str(log))) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0, 0, 0]
+    assert len(log.read_text().splitlines()) == 1  # one job computed, the others waited and reused
+    np.testing.assert_array_equal(CacheEntry(tmp_path / "e", {"k": 1}).get(["img7"], fake_features),
+                                  fake_features(["img7"]))
+
+
+def test_keys_separate_backbones_views_and_weights(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"1")
+
+    def folder(model, pretrained, view):
+        extractor = FeatureExtractor(tmp_path, "ds", tmp_path, "bb", backbone_key(model, pretrained, "attention"), None)
+        return extractor.entry(view.tag, "global").folder
+
+    plain, augment = View("plain"), View("augment", 10, 0)
+    assert folder("RN50", "openai", plain) == folder("RN50", "openai", plain)
+    assert len({folder("RN50", "openai", plain), folder("RN101", "openai", plain),
+                folder("RN50", "openai", augment), folder("RN50", str(weights), plain)}) == 4
+    before = folder("RN50", str(weights), plain)
+    weights.write_bytes(b"22")  # a changed local weights file re-keys the cache
+    assert folder("RN50", str(weights), plain) != before
+
+
+def test_augmented_views_do_not_depend_on_batching(tiny_config, tmp_path):
+    from clipadapt.backbone import ClipBackbone
+    from clipadapt.data import build_dataset
+
+    cfg = tiny_config()
+    dataset = build_dataset(cfg.dataset, Path(cfg.paths.data_root))
+    backbone = ClipBackbone("clipadapt-tiny-vit")
+    paths = [i.path for i in dataset.train[:3]]
+
+    def extractor(root):
+        return FeatureExtractor(root, "synthetic", dataset.image_root, "tiny", backbone_key("x", None, "attention"),
+                                lambda: backbone, batch_size=2, num_workers=0)
+
+    view = View("augment", 3, 0)
+    together = extractor(tmp_path / "a").images(paths, [0, 0, 0], view).image
+    alone = extractor(tmp_path / "b").images(paths[2:], [0], view).image
+    assert together.shape == (3, 3, 64)
+    np.testing.assert_allclose(np.asarray(together[2:], np.float32), np.asarray(alone, np.float32), atol=1e-3)
+    assert not np.allclose(np.asarray(together[0, 0], np.float32), np.asarray(together[0, 1], np.float32))
