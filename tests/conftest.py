@@ -47,3 +47,33 @@ def shared_splits() -> Path:
     if not SHARED_SPLITS.is_dir():
         pytest.skip(f"the split files of ../shared/data/splits are not beside this checkout ({SHARED_SPLITS})")
     return SHARED_SPLITS
+
+
+def random_task(num_classes: int = 5, shots: int = 4, dim: int = 32, views: int = 3, tokens: int = 0, seed: int = 0):
+    """A FewShotTask on random features clustered around each class's text feature, plus its test FeatureSet.
+
+    No model involved: for exact, fast checks of a method's arithmetic. `tokens > 0` adds dense features.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from clipadapt.features import FeatureSet
+    from clipadapt.methods import FewShotTask
+
+    g = torch.Generator().manual_seed(seed)
+    text = F.normalize(torch.randn(num_classes, dim, generator=g), dim=-1)
+
+    def features(n_per_class: int, n_views: int) -> FeatureSet:
+        labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+        image = F.normalize(text[labels][:, None] + 0.8 * torch.randn(len(labels), n_views, dim, generator=g), dim=-1)
+        dense = None
+        if tokens:
+            dense = F.normalize(image[:, :, None] + 0.5 * torch.randn(len(labels), n_views, tokens, dim, generator=g), dim=-1)
+            dense = dense.numpy().astype(np.float16)
+        return FeatureSet(image=image.numpy().astype(np.float16), labels=labels.numpy(), dense=dense)
+
+    task = FewShotTask(classnames=[f"class {k}" for k in range(num_classes)], templates=["a photo of a {}."],
+                       text=text, train=features(shots, 1 + views), val=features(min(shots, 4), 1),
+                       device=torch.device("cpu"))
+    return task, features(6, 1)

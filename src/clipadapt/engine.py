@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from clipadapt.features import FeatureSet, to_tensor
@@ -42,8 +43,14 @@ def make_schedule(optimizer, train, steps_per_epoch: int):
 
 
 def to_batch(image: np.ndarray, dense: np.ndarray | None, device: torch.device) -> Batch:
-    """Cached (fp16, possibly memory-mapped) rows as float32 tensors on the device."""
-    return Batch(image=to_tensor(image, device), dense=None if dense is None else to_tensor(dense, device))
+    """Cached (fp16, possibly memory-mapped) rows as float32 unit vectors on the device.
+
+    Re-normalising in float32 undoes fp16 storage's rounding of the norm, so every method sees unit features.
+    """
+    def unit(array):
+        return F.normalize(to_tensor(array, device), dim=-1)
+
+    return Batch(image=unit(image), dense=None if dense is None else unit(dense))
 
 
 def _dense_of(method: Method, features: FeatureSet) -> np.ndarray | None:

@@ -1,0 +1,75 @@
+"""Every method x dataset x backbone composes and validates; bad options fail at start, naming the valid choices."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from clipadapt.app import CONFIG_DIR
+from clipadapt.methods.base import method_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def composer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        yield lambda overrides: compose(config_name="config", overrides=["paths.root=/tmp/clipadapt", *overrides])
+    GlobalHydra.instance().clear()
+
+
+def test_every_combination_composes(composer):
+    """Every method x dataset pair composes and validates (per-pair configs are where groups interact), each with
+    every backbone in turn: no default or interpolation links the backbone to the pair, so rotating the backbones
+    through the pairs covers the product while composing each pair once."""
+    backbones = options("backbone")
+    pairs = list(itertools.product(options("method"), options("dataset")))
+    assert len(pairs) >= 5 * 4
+    for n, (method, dataset) in enumerate(pairs):
+        backbone = backbones[n % len(backbones)]
+        cfg = composer([f"method={method}", f"dataset={dataset}", f"backbone={backbone}"])
+        method_config(cfg.method)  # the method's own schema
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["run_name"] == f"{cfg.method.name}-{cfg.dataset.name}-16s-{cfg.backbone.name}-s1"
+        assert Path(resolved["paths"]["cache_dir"]).is_absolute()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=nope"], "Could not find 'method/nope'"),
+    (["backbone=nope"], "Could not find 'backbone/nope'"),
+    (["dataset=nope"], "Could not find 'dataset/nope'"),
+    (["backbone.modle=RN50"], "Key 'modle' not in 'BackboneSchema'"),
+    (["shots=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+    (["features.train_views=1.5"], "could not be converted to Integer"),
+])
+def test_bad_options_fail_at_compose(composer, overrides, message):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as error:
+        composer(overrides)
+    text = str(error.value) + str(error.value.__cause__ or "")
+    assert message in text
+
+
+def test_unknown_group_option_names_the_choices(composer):
+    with pytest.raises(ConfigCompositionException) as error:
+        composer(["method=nope"])
+    assert all(name in str(error.value) for name in options("method"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.alpha=abc", "could not be converted to Float"),
+    ("+method.alhpa=1", "Key 'alhpa' not in 'TipAdapterFSchema'"),
+])
+def test_method_schema_rejects_typos_and_wrong_types(composer, override, message):
+    cfg = composer(["method=tip_adapter_f", override])
+    with pytest.raises(OmegaConfBaseException, match=message):
+        method_config(cfg.method)
