@@ -1,0 +1,150 @@
+"""The dataset registry and the readers every benchmark dataset builds on.
+
+A reader turns a dataset config into an `ImageDataset`: class names, prompt templates, and train/val/test lists of
+(path relative to the image folder, label, class name) -- the shape of CoOp's split files, which are authoritative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class DatasetError(RuntimeError):
+    """Data that cannot be read as configured; the message says what to fetch or fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # relative to ImageDataset.image_root
+    label: int
+    classname: str
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    image_root: Path
+    classnames: list[str]
+    templates: list[str]
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    split_hash: str  # content hash of the split file the lists came from
+
+    def check_images_exist(self) -> None:
+        missing = [i.path for i in self.train + self.val + self.test if not (self.image_root / i.path).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{self.name}: {len(missing)} listed images are missing under {self.image_root}, "
+                f"e.g. {', '.join(missing[:3])}: re-run `python -m clipadapt.prepare {self.name}`"
+            )
+
+
+Reader = Callable[[DictConfig, Path], ImageDataset]
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(kind: str) -> Callable[[Reader], Reader]:
+    def add(reader: Reader) -> Reader:
+        READERS[kind] = reader
+        return reader
+
+    return add
+
+
+def build_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
+    if cfg.kind not in READERS:
+        raise DatasetError(f"unknown dataset kind {cfg.kind!r}: use one of {sorted(READERS)}")
+    return READERS[cfg.kind](cfg, Path(data_root))
+
+
+def dataset_root(cfg: DictConfig, data_root: Path) -> Path:
+    return (Path(data_root) / cfg.root).resolve()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def read_split_file(path: Path, source: str | None = None) -> dict[str, list[Item]]:
+    """A CoOp split file: {"train"|"val"|"test": [[relative path, label, class name], ...]}."""
+    path = Path(path)
+    if not path.is_file():
+        where = f" (source: {source})" if source else ""
+        raise DatasetError(f"split file {path} is missing{where}: run `python -m clipadapt.prepare` or put it there")
+    try:
+        raw = json.loads(path.read_text())
+        return {split: [Item(str(p), int(label), str(name)) for p, label, name in raw[split]] for split in ("train", "val", "test")}
+    except (ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"split file {path} is not a CoOp split (train/val/test lists of [path, label, name]): {error}") from error
+
+
+def classnames_of(*splits: list[Item]) -> list[str]:
+    names: dict[int, str] = {}
+    for items in splits:
+        for item in items:
+            names.setdefault(item.label, item.classname.replace("_", " "))
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"labels must be 0..K-1 with no gaps, got {sorted(names)[:10]}...")
+    return [names[k] for k in range(len(names))]
+
+
+@register_reader("split_file")
+def read_split_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
+    root = dataset_root(cfg, data_root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} is missing: run `python -m clipadapt.prepare {cfg.name}` or set paths.data_root")
+    split_path = root / cfg.split_file
+    split = read_split_file(split_path, cfg.split_url)
+    return ImageDataset(
+        name=cfg.name,
+        image_root=root / cfg.image_dir,
+        classnames=classnames_of(split["train"], split["val"], split["test"]),
+        templates=list(cfg.templates),
+        split_hash=file_digest(split_path),
+        **split,
+    )
+
+
+@register_reader("folder")
+def read_folder_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
+    """A user's class-per-folder images; a 50/20/30 split (CoOp's proportions) is drawn once and saved beside them."""
+    root = dataset_root(cfg, data_root)
+    image_root = root / cfg.image_dir
+    if not image_root.is_dir():
+        raise DatasetError(f"image folder {image_root} is missing: point dataset.root at a folder of class folders")
+    split_path = root / (cfg.split_file or "split_clipadapt.json")
+    if not split_path.is_file():
+        classes = sorted(d.name for d in image_root.iterdir() if d.is_dir())
+        if not classes:
+            raise DatasetError(f"{image_root} has no class folders: expected <class>/<image> files")
+        rng = random.Random(0)
+        split: dict[str, list] = {"train": [], "val": [], "test": []}
+        for label, name in enumerate(classes):
+            files = sorted(str(p.relative_to(image_root)) for p in (image_root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            rng.shuffle(files)
+            n_train, n_val = round(len(files) * 0.5), round(len(files) * 0.2)
+            parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+            for part, paths in parts.items():
+                split[part].extend([p, label, name] for p in paths)
+        tmp = split_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(split))
+        tmp.replace(split_path)
+    split_items = read_split_file(split_path)
+    return ImageDataset(
+        name=cfg.name,
+        image_root=image_root,
+        classnames=classnames_of(*split_items.values()),
+        templates=list(cfg.templates),
+        split_hash=file_digest(split_path),
+        **split_items,
+    )
