@@ -128,6 +128,8 @@ def method_config(node: DictConfig) -> DictConfig:
     if node.name not in registered:
         raise ValueError(f"unknown method {node.name!r}: use one of {sorted(registered)}")
     schema = OmegaConf.structured(registered[node.name].Config)
+    if node._get_parent() is not None:  # resolved against the run config it sits in: an option may say ${paths.data_root}
+        node = OmegaConf.to_container(node, resolve=True)
     return OmegaConf.merge(schema, node)
 
 
