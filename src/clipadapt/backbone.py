@@ -121,8 +121,8 @@ class ClipBackbone(nn.Module):
             else:
                 raise BackboneError(f"dense features are implemented for CLIP ResNet and ViT towers, not {type(visual).__name__}")
         tokens = F.normalize(tokens.float(), dim=-1)
-        if self.dense == "value" and hasattr(visual, "attnpool"):
-            return F.normalize(self.clip.encode_image(pixels).float(), dim=-1), tokens
+        if self.dense == "value" and hasattr(visual, "attnpool"):  # token 0 is the mean token's value, not f
+            return F.normalize(self.clip.encode_image(pixels).float(), dim=-1), tokens[:, 1:]
         return tokens[:, 0], tokens[:, 1:]
 
     # ------------------------------------------------------------------ text

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from clipadapt.features import FeatureSet, to_tensor
+from clipadapt.features import FeatureSet, read_rows, to_tensor
 from clipadapt.methods.base import Batch, Method
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ def predict(method: Method, features: FeatureSet, batch_size: int = 1024) -> tor
     dense = _dense_of(method, features)
     outputs = []
     for start in range(0, len(features), batch_size):
-        rows = slice(start, start + batch_size)  # contiguous: a memory-mapped read, no gather
-        batch = to_batch(features.image[rows, 0], None if dense is None else dense[rows, 0], device)
+        stop = start + batch_size  # contiguous rows: one file read each, nothing left mapped (see read_rows)
+        batch = to_batch(read_rows(features.image, start, stop)[:, 0],
+                         None if dense is None else read_rows(dense, start, stop)[:, 0], device)
         outputs.append(method(batch).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, method.text.shape[0])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,6 +37,23 @@ AUGMENTATION = "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFli
 def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 tensor of cached (fp16, possibly read-only memory-mapped) rows: one copy, no aliasing."""
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
+
+
+def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a cached array, as an in-memory copy.
+
+    A whole memory-mapped cache file is read with a plain file read at the rows' offset instead of through the
+    mapping: pages read through a mapping stay in the process's resident set (it grows to the size of the file
+    while a large test set is streamed), pages read with read() only in the kernel's page cache.
+    """
+    stop = min(stop, len(array))
+    whole_file = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename  # not a slice
+    if not whole_file or not array.flags.c_contiguous or stop <= start:
+        return np.array(array[start:stop])
+    row_items = int(np.prod(array.shape[1:], dtype=np.int64))
+    rows = np.fromfile(array.filename, dtype=array.dtype, count=(stop - start) * row_items,
+                       offset=array.offset + start * row_items * array.itemsize)
+    return rows.reshape(stop - start, *array.shape[1:])
 
 
 def backbone_key(model: str, pretrained: str | None, dense: str) -> dict:
