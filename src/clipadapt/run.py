@@ -167,7 +167,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         t = time.perf_counter()
         method.setup()
         history = fit(method, data.train, cfg.seed, on_step=logger.log)
-        chosen = method.tune(task.val)
+        # protocol.selection=test: searches look at the test set (leaky, flagged): CALIP's and Tip-Adapter's ImageNet code
+        chosen = method.tune(data.test if cfg.protocol.selection == "test" else task.val)
         timings["train_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
