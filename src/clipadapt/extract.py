@@ -17,8 +17,9 @@ def extract(cfg: DictConfig) -> dict:
     from clipadapt.methods.base import method_config
     from clipadapt.run import image_task_data, resolve_device
 
-    needs_dense = METHODS[method_config(cfg.method).name].needs_dense
-    data = image_task_data(cfg, needs_dense, resolve_device(cfg.device))
+    method_class = METHODS[method_config(cfg.method).name]
+    data = image_task_data(cfg, method_class.needs_dense, resolve_device(cfg.device),
+                           augmented=method_class.uses_augmented_views)
     sizes = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
     log.info("features cached under %s: %s", cfg.paths.cache_dir, sizes)
     return sizes

@@ -78,6 +78,7 @@ class Method(nn.Module):
 
     Config: ClassVar[type] = MethodSchema
     needs_dense: ClassVar[bool] = False
+    uses_augmented_views: ClassVar[bool] = True  # False: only the plain view of the train draw is extracted
 
     def __init__(self, cfg: DictConfig, task: FewShotTask):
         super().__init__()

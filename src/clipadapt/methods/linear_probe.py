@@ -22,6 +22,7 @@ class LinearProbeSchema(MethodSchema):
 @register_method("linear_probe")
 class LinearProbe(Method):
     Config = LinearProbeSchema
+    uses_augmented_views = False  # CoOp's probe fits the plain-view features
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
