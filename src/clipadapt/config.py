@@ -24,12 +24,15 @@ class BackboneSchema:
 @dataclass
 class DatasetSchema:
     name: str = MISSING  # registry key and id in paths
-    kind: str = MISSING  # reader: split_file | folder | synthetic | features | imagenet | fgvc_aircraft
+    kind: str = MISSING  # reader: split_file | folder | synthetic | features | imagenet | fgvc_aircraft | imagenet_variant
     root: str = ""  # folder under paths.data_root (or absolute)
     image_dir: str = ""  # images below root that split-file paths are relative to
-    split_file: Optional[str] = None  # below root
+    split_file: Optional[str] = None  # below root: the split file (imagenet and its variants: classnames.txt)
     split_url: Optional[str] = None  # where a missing split file comes from
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    template_set: Optional[str] = None  # null: `templates`; a name picks template_sets[name] (imagenet: ensemble)
+    template_sets: dict[str, list[str]] = field(default_factory=dict)
+    draw_file: Optional[str] = None  # import the few-shot draw from this JSON instead of drawing it (see README)
     # synthetic
     num_classes: int = 10
     images_per_class: int = 24
@@ -67,7 +70,8 @@ class PathsSchema:
 
 @dataclass
 class ProtocolSchema:
-    task: str = "few_shot"  # few_shot | base_to_new
+    task: str = "few_shot"  # few_shot | base_to_new | cross_dataset | domain_generalisation (see protocols.py)
+    targets: Optional[list[str]] = None  # cross_dataset / domain_generalisation: dataset ids; null: the standard set
     val_policy: str = "few_shot"  # none | few_shot | full: what hyperparameter searches may look at
     selection: str = "last"  # last | val | test (test is leaky and labelled so)
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clipadapt import protocols
 from clipadapt.data import ImageDataset, Item, build_dataset
 from clipadapt.data.benchmarks import dataset_config
-from clipadapt.engine import accuracy, fit, per_class_accuracy, predict
+from clipadapt.engine import fit
 from clipadapt.features import FeatureExtractor, FeatureSet, View, backbone_key
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import method_config

@@ -6,3 +6,4 @@ __all__ = ["DatasetError", "ImageDataset", "Item", "build_dataset", "read_split_
 
 # Readers register themselves on import.
 from clipadapt.data import synthetic  # noqa: E402,F401
+from clipadapt.data import benchmarks  # noqa: E402,F401

@@ -40,8 +40,10 @@ class ImageDataset:
     test: list[Item]
     split_hash: str  # content hash of the split file the lists came from
 
-    def check_images_exist(self) -> None:
-        missing = [i.path for i in self.train + self.val + self.test if not (self.image_root / i.path).is_file()]
+    def check_images_exist(self, items: list[Item] | None = None) -> None:
+        """Every listed image (or every one of `items`) is a file; else one error with the count and a few paths."""
+        items = self.train + self.val + self.test if items is None else items
+        missing = [i.path for i in items if not (self.image_root / i.path).is_file()]
         if missing:
             raise DatasetError(
                 f"{self.name}: {len(missing)} listed images are missing under {self.image_root}, "
@@ -64,7 +66,21 @@ def register_reader(kind: str) -> Callable[[Reader], Reader]:
 def build_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
     if cfg.kind not in READERS:
         raise DatasetError(f"unknown dataset kind {cfg.kind!r}: use one of {sorted(READERS)}")
-    return READERS[cfg.kind](cfg, Path(data_root))
+    templates = selected_templates(cfg)  # a bad template set fails before any reading
+    dataset = READERS[cfg.kind](cfg, Path(data_root))
+    dataset.templates = templates
+    return dataset
+
+
+def selected_templates(cfg: DictConfig) -> list[str]:
+    """`templates`, or the named set `template_sets[template_set]` (ImageNet's 7-template ensemble)."""
+    name = cfg.get("template_set")
+    if name is None:
+        return list(cfg.templates)
+    sets = cfg.get("template_sets") or {}
+    if name not in sets:
+        raise DatasetError(f"{cfg.name} has no template set {name!r}: use dataset.template_set=null or one of {sorted(sets)}")
+    return list(sets[name])
 
 
 def dataset_root(cfg: DictConfig, data_root: Path) -> Path:
