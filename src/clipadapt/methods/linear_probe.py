@@ -73,3 +73,9 @@ class LinearProbe(Method):
 
     def forward(self, batch: Batch):
         return self.linear(batch.image)
+
+    def retarget(self, classnames, text):
+        raise ValueError(
+            "linear_probe cannot classify classes it was not trained on (protocol.task=base_to_new or "
+            "cross_dataset): use a method with a text classifier, e.g. method=zero_shot or method=tip_adapter_f"
+        )

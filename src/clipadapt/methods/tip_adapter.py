@@ -60,6 +60,12 @@ class TipAdapter(Method):
     def forward(self, batch: Batch):
         return self.zero_shot_logits(batch.image) + self.alpha * self.cache_logits(batch.image, self.beta)
 
+    def retarget(self, classnames, text):
+        """Other classes (base-to-new, cross-dataset): the cache holds no image of them, so its values are all zero
+        and only the zero-shot term remains."""
+        super().retarget(classnames, text)
+        self.values = self.values.new_zeros(self.values.shape[0], len(classnames))
+
     @torch.no_grad()
     def tune(self, val):
         search = self.cfg.search
