@@ -10,6 +10,7 @@ from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import DictConfig
 
 from clipadapt.config import register_schemas
 
@@ -21,6 +22,22 @@ register_schemas()
 
 def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def fit_to_launcher(cfg: DictConfig) -> DictConfig:
+    """Per-launcher settings: DataLoader workers crash inside joblib's worker processes (hydra#964), so none there.
+
+    Covers `hydra/launcher=joblib` as well as conf/launcher/joblib.yaml; the worker count changes no result.
+    """
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if "joblib" in launcher and cfg.features.num_workers > 0:
+        log.info("joblib launcher: features.num_workers=0 (DataLoader workers crash inside joblib jobs)")
+        cfg.features.num_workers = 0
+    return cfg
 
 
 def guarded(job: Callable[[], object]) -> object:

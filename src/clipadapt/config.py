@@ -77,6 +77,11 @@ class ProtocolSchema:
 
 
 @dataclass
+class SweepSchema:
+    skip_done: bool = True  # multirun: a cell whose metrics.json matches its config hash is skipped (clipadapt.sweep)
+
+
+@dataclass
 class RunSchema:
     backbone: BackboneSchema = MISSING
     dataset: DatasetSchema = MISSING
@@ -85,6 +90,7 @@ class RunSchema:
     paths: PathsSchema = field(default_factory=PathsSchema)
     features: FeaturesSchema = field(default_factory=FeaturesSchema)
     protocol: ProtocolSchema = field(default_factory=ProtocolSchema)
+    sweep: SweepSchema = field(default_factory=SweepSchema)
     shots: int = 16
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -63,3 +63,17 @@ def make_logger(cfg, run_config: dict, output_dir) -> MetricLogger:
             log.warning("W&B could not start (%s): continuing with the local metrics.json only", error)
             return NullLogger()
     raise ValueError(f"unknown logger {cfg.name!r}: use none or wandb")
+
+
+def log_report_run(wandb_cfg, name: str, config: dict, directory, tables: dict, images: dict, summary: dict,
+                   markdown: str) -> bool:
+    """Mirror a results report to W&B (`wandb_cfg`: project, entity, mode); best-effort like every logger here."""
+    try:
+        from clipadapt.wandb_logger import log_report
+
+        log_report(wandb_cfg.project, wandb_cfg.entity, wandb_cfg.mode, name, config, directory, tables, images,
+                   summary, markdown)
+        return True
+    except Exception as error:  # noqa: BLE001 - the report files on disk are the result of record
+        log.warning("W&B report run failed (%s): the report files are written all the same", error)
+        return False

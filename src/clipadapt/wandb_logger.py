@@ -41,3 +41,17 @@ class WandbLogger:
 
     def close(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
+
+
+def log_report(project: str, entity: str | None, mode: str | None, name: str, config: dict, directory: Path,
+               tables: dict[str, tuple[list[str], list[list]]], images: dict[str, Path], summary: dict,
+               markdown: str) -> None:
+    """One W&B run of job_type "report": the result tables, the plots, headline numbers in the summary."""
+    with wandb.init(project=project, entity=entity, job_type="report", name=name, config=config, dir=str(directory),
+                    mode=_mode(mode), settings=wandb.Settings(silent=True, console="off")) as run:
+        run.log({
+            **{key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()},
+            **{key: wandb.Image(str(path)) for key, path in images.items()},
+            "report": wandb.Html(f"<pre>{markdown}</pre>"),
+        })
+        run.summary.update(summary)

@@ -1,0 +1,174 @@
+"""Resumable sweeps: which cells are done, one process per cell at a time, and what a sweep did.
+
+A cell is *done* when its folder holds a metrics.json whose resolved config hashes to the same value as the cell's
+config now (`config_hash`; the keys that cannot change a result, such as tracking, paths and loader settings, are
+left out). Re-running a sweep therefore runs only the cells that are missing, failed, or whose config changed. The
+outcome of every cell is written to `status.json` beside its metrics.json/error.json, and `SweepSummary` (a Hydra
+callback, registered by conf/sweep/grid.yaml) counts those at the end of a multirun.
+
+Concurrency: a cell is run under a lock on `<cell>/.cell.lock`, taken without waiting. A second sweep that reaches
+a cell another process is running leaves it to that process (logged, not run twice); metrics.json, error.json and
+status.json are all written by temp file + rename, so a reader never sees half a file. The lock is an fcntl lock:
+it dies with its process, so a killed sweep leaves no stale lock behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Keys that identify where and how a cell ran, not what it computed. A sweep resumed with another launcher, on
+# another machine, with another tracker or cache folder reuses its finished cells.
+RESULT_NEUTRAL_KEYS = (
+    "logger", "paths", "sweep", "device", "save_logits", "features.num_workers", "features.batch_size",
+)
+STATUS_FILE = "status.json"
+
+
+def result_config(config: DictConfig | dict) -> dict:
+    """The resolved config as metrics.json stores it (the same JSON round trip), minus the result-neutral keys."""
+    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    canonical = json.loads(json.dumps(container, default=str))
+    for dotted in RESULT_NEUTRAL_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = canonical
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return canonical
+
+
+def config_hash(config: DictConfig | dict) -> str:
+    """Hash of what a cell computes: its resolved config without `RESULT_NEUTRAL_KEYS`.
+
+    Takes a composed config or the `config` dict stored in a metrics.json; both give the same hash for the same cell.
+    """
+    return sha256(json.dumps(result_config(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from disk, or None when it is absent or unreadable (an unreadable one is logged)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("%s is unreadable (%s): treating it as absent", path, error)
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def is_done(cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The cell's metrics when `output_dir` already holds its result for this exact config, else None.
+
+    Plain function over a composed config, so a runner that trains several cells in one process can call it too.
+    """
+    output_dir = Path(output_dir)
+    metrics = read_json(output_dir / "metrics.json")
+    if metrics is None or not isinstance(metrics.get("config"), dict):
+        return None
+    if config_hash(metrics["config"]) != config_hash(cfg):
+        return None
+    if cfg.get("save_logits") and not (output_dir / "logits.npz").exists():
+        return None
+    return metrics
+
+
+def write_status(output_dir: Path, status: str, digest: str, **extra) -> None:
+    from clipadapt.run import write_json_atomic
+
+    write_json_atomic(Path(output_dir) / STATUS_FILE, {
+        "status": status, "config_hash": digest, "finished": time.time(), "host": socket.gethostname(), **extra,
+    })
+
+
+def _set_aside_previous(output_dir: Path, digest: str) -> None:
+    """Before a (re-)run: keep a result of another config as metrics.<its hash>.json, drop a stale error.json."""
+    metrics = read_json(output_dir / "metrics.json")
+    if metrics is not None:
+        old = config_hash(metrics["config"]) if isinstance(metrics.get("config"), dict) else "unknown"
+        if old != digest:
+            kept = output_dir / f"metrics.{old}.json"
+            (output_dir / "metrics.json").replace(kept)
+            log.warning("%s: its config changed since metrics.json was written: kept as %s, running again",
+                        output_dir, kept.name)
+    (output_dir / "error.json").unlink(missing_ok=True)
+
+
+def run_cell(cfg: DictConfig, output_dir: Path, job: Callable[[], dict | None], skip_done: bool = True) -> dict | None:
+    """Run one cell through `job` (which returns its metrics, or None when it failed and recorded error.json).
+
+    Skipped when `skip_done` and the cell is done; left alone when another process holds the cell's lock.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(cfg)
+    name = cfg.get("run_name", str(output_dir))
+    lock = FileLock(str(output_dir / ".cell.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        log.warning("%s: another process is running this cell (%s is locked): leaving it to that one",
+                    name, lock.lock_file)
+        return None
+    try:
+        if skip_done and (done := is_done(cfg, output_dir)) is not None:
+            log.info("%s: skipped, already done (metrics.json of the same config %s)", name, digest)
+            write_status(output_dir, "skipped", digest)
+            return done
+        _set_aside_previous(output_dir, digest)
+        started, metrics = time.time(), None
+        try:
+            metrics = job()
+        finally:  # also when the job exits the process (a single run's failure) or is interrupted
+            write_status(output_dir, "failed" if metrics is None else "done", digest, started=started)
+        return metrics
+    finally:
+        lock.release()
+
+
+def summarize(sweep_dir: Path, since: float = 0.0) -> dict[str, list[Path]]:
+    """Cells under `sweep_dir` by the outcome they recorded at or after `since` (a time.time())."""
+    outcomes: dict[str, list[Path]] = {"done": [], "skipped": [], "failed": []}
+    for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
+        status = read_json(path)
+        if status and status.get("finished", 0) >= since and status.get("status") in outcomes:
+            outcomes[status["status"]].append(path.parent)
+    return outcomes
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    Callback = object
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, log how many cells ran, were skipped and failed (and where)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        outcomes = summarize(sweep_dir, since=self.started)
+        counts = ", ".join(f"{len(cells)} {outcome}" for outcome, cells in outcomes.items())
+        log.info("sweep %s: %s", sweep_dir, counts)
+        if outcomes["failed"]:
+            failed = "\n".join(f"  {cell / 'error.json'}" for cell in outcomes["failed"])
+            log.warning("%d failed cell(s), errors in:\n%s\nre-running the same command runs only those and the "
+                        "missing ones", len(outcomes["failed"]), failed)
