@@ -1,0 +1,224 @@
+"""SHIP (Wang et al., ICCV 2023): synthesized prompts give features for label-only classes; a host method trains on both.
+
+Stage 1 (`ship_generator.PromptGenerator`, trained by `engine.fit` on the base train features) learns to
+reconstruct image features through the frozen text tower. Stage 2 trains the host method (`stage2`: coop,
+clip_adapter, tip_adapter_f) over the K = base + new label space on each real base batch plus as many features
+synthesized for uniformly drawn new classes, re-drawn every step. Evaluation follows base-to-new: before
+`retarget` the logits are the base columns, after `retarget(new classes)` the new columns, each in its own label
+space (CoCoOp's protocol).
+
+As published (the released code, stage2=coop): generator as in ship_generator.py; fresh CoOp context of 4 tokens
+from "a photo of a"; plain SGD lr 2e-3 (no momentum or weight decay), batch 256, cosine per step, 200 epochs
+(ImageNet: AdamW 1e-3, eps 1e-4, 20 epochs); synthetic features drawn fresh every step, one per real feature.
+Reconstructed (no code was released): stage2=clip_adapter and tip_adapter_f use the project's implementations and
+recipes unchanged, over all K classes; their synthetic features come from a bank of `bank_per_class` per new class
+drawn once; Tip-Adapter-F's cache also holds `keys_per_class` synthesized keys per new class, with alpha/beta at
+their configured values (no search: there is no labelled new-class val). Cross-dataset transfer (paper Table 2;
+the fine-tuning recipe is not given): retargeting to another class set re-fits the host on features synthesized
+for the target classes only, from the host's trained state, with the host's recipe.
+
+Honest protocol: the generator is the last one (the official script runs stage 2 from the generators of epochs
+10..50 and reports the best test H; that is a sweep over generator.train.epochs read with protocol.selection=test).
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from clipadapt.features import FeatureSet
+from clipadapt.methods.base import METHODS, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.methods.clip_adapter import ClipAdapterSchema
+from clipadapt.methods.coop import CoOpSchema, CoOpTrainSchema, load_prompt_encoder, shots_of
+from clipadapt.methods.ship_generator import GeneratorSchema, PromptGenerator
+from clipadapt.methods.tip_adapter import TipAdapter, TipAdapterFSchema, TipSearchSchema
+
+log = logging.getLogger(__name__)
+
+HOSTS = ("coop", "clip_adapter", "tip_adapter_f")
+
+# method.train for SHIP: every key unset (None) takes the host's value, so `method.train.epochs=1` still works.
+StageTwoTrainSchema = make_dataclass(
+    "StageTwoTrainSchema",
+    [(f.name, Optional[typing.get_type_hints(TrainSchema)[f.name]], None) for f in fields(TrainSchema)],
+)
+
+
+@dataclass
+class SynthSchema:
+    ratio: float = 1.0  # synthesized new-class features per real feature in each stage-2 step (0: none)
+    bank_per_class: Optional[int] = None  # 0: fresh every step (the code); None: 0 for coop, 128 for the adapters
+    keys_per_class: Optional[int] = None  # tip_adapter_f: synthesized cache keys per new class; None: the draw's shots
+    chunk: int = 1024  # prompts per text-tower pass when synthesizing many
+
+
+@dataclass
+class TransferSchema:
+    per_class: int = 16  # synthesized features per target class to re-fit on (0: plain host transfer)
+    views: int = 10  # draws per synthesized row: one is picked per epoch, as cached augmented views are
+
+
+def _ship_coop() -> CoOpSchema:
+    return CoOpSchema(name="coop", n_ctx=4, ctx_init="a photo of a", train=CoOpTrainSchema(
+        epochs=200, batch_size=256, optimizer="sgd", lr=2e-3, momentum=0.0, weight_decay=0.0, warmup_epochs=0))
+
+
+@dataclass
+class ShipSchema(MethodSchema):
+    fidelity: str = "as published (stage2=coop, the released code); reconstructed (clip_adapter, tip_adapter_f)"
+    stage2: str = "coop"  # the host method: coop | clip_adapter | tip_adapter_f
+    generator: GeneratorSchema = field(default_factory=GeneratorSchema)
+    synth: SynthSchema = field(default_factory=SynthSchema)
+    transfer: TransferSchema = field(default_factory=TransferSchema)
+    coop: CoOpSchema = field(default_factory=_ship_coop)
+    clip_adapter: ClipAdapterSchema = field(default_factory=lambda: ClipAdapterSchema(name="clip_adapter"))
+    tip_adapter_f: TipAdapterFSchema = field(default_factory=lambda: TipAdapterFSchema(
+        name="tip_adapter_f", search=TipSearchSchema(enabled=False)))
+    train: StageTwoTrainSchema = field(default_factory=StageTwoTrainSchema)  # overrides of the host's train
+
+
+@register_method("ship")
+class Ship(Method):
+    Config = ShipSchema
+
+    def __init__(self, cfg, task):
+        super().__init__(cfg, task)
+        if cfg.stage2 not in HOSTS:
+            raise ValueError(f"method.stage2={cfg.stage2!r}: use one of {HOSTS}")
+        if task.new_classnames and task.new_text is None:
+            raise ValueError("the task names label-only classes but has no text features for them (task.new_text)")
+        self.num_base, self.new_classnames = task.num_classes, list(task.new_classnames)
+        self.num_new = len(self.new_classnames)
+        host_cfg = cfg[cfg.stage2]
+        host_cfg.train = OmegaConf.merge(host_cfg.train, {k: v for k, v in cfg.train.items() if v is not None})
+        joint = task
+        if self.num_new:  # the host's label space: base classes, then the label-only new ones
+            joint = replace(task, classnames=task.classnames + self.new_classnames,
+                            text=torch.cat([task.text, task.new_text.to(task.text)]), new_classnames=[], new_text=None)
+        # The host first: under the same seed it starts exactly as the plain method would.
+        self.host = METHODS[cfg.stage2](host_cfg, joint)
+        cfg.train.merge_with(OmegaConf.to_container(host_cfg.train))  # what engine.fit runs: the host's resolved schedule
+        self.joint_task = joint
+        self.generator: PromptGenerator | None = None
+        if self.num_new:
+            self.generator = PromptGenerator(cfg.generator, joint, load_prompt_encoder(task, "ship"), joint.classnames)
+        else:
+            log.warning("ship: no label-only classes (protocol.task=base_to_new gives them): stage 2 is plain %s",
+                        cfg.stage2)
+        self.columns = slice(0, self.num_base)  # base test set: the base columns
+        self.rng = torch.Generator().manual_seed(task.seed)
+        self.bank: torch.Tensor | None = None
+        self.stage1_history: list[float] = []
+        self.source_state: dict[str, torch.Tensor] | None = None  # the host's learned parameters before any transfer
+
+    # ------------------------------------------------------------------ stage 1
+    def train_generator(self) -> None:
+        """Stage 1 on the real base train features (augmented views), then frozen."""
+        from clipadapt.engine import fit  # engine imports the method registry: a module-level import would cycle
+
+        self.stage1_history = fit(self.generator, self.task.train, self.task.seed)
+        self.generator.requires_grad_(False).eval()
+        self.generator.zero_grad(set_to_none=True)
+
+    @property
+    def bank_per_class(self) -> int:
+        configured = self.cfg.synth.bank_per_class
+        return (0 if self.cfg.stage2 == "coop" else 128) if configured is None else int(configured)
+
+    def synthesize(self, labels: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        return self.generator.synthesize(labels, self.rng if rng is None else rng, self.cfg.synth.chunk)
+
+    def setup(self) -> None:
+        if self.generator is not None:
+            self.train_generator()
+            new_labels = torch.arange(self.num_base, self.num_base + self.num_new)
+            if self.bank_per_class > 0:
+                per_class = self.bank_per_class
+                self.bank = self.synthesize(new_labels.repeat_interleave(per_class)).view(self.num_new, per_class, -1)
+            if isinstance(self.host, TipAdapter):
+                keys = self.cfg.synth.keys_per_class
+                self._add_cache_entries(new_labels.repeat_interleave(shots_of(self.task) if keys is None else keys))
+        self.host.setup()
+
+    def _add_cache_entries(self, labels: torch.Tensor) -> None:
+        """Tip-Adapter-F: synthesized keys (and one-hot values) for the new classes join the real base cache."""
+        if len(labels) == 0:
+            return
+        host = self.host
+        keys = self.synthesize(labels).to(host.keys)
+        host.keys = torch.nn.Parameter(torch.cat([host.keys.detach(), keys]), requires_grad=host.keys.requires_grad)
+        values = F.one_hot(labels.to(host.values.device), host.values.shape[1]).to(host.values)
+        host.values = torch.cat([host.values, values])
+
+    # ------------------------------------------------------------------ stage 2
+    def synthetic_batch(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` new-class features and their labels (in the joint label space), re-drawn at every call."""
+        drawn = torch.randint(self.num_new, (count,), generator=self.rng)
+        if self.bank is not None:
+            features = self.bank[drawn, torch.randint(self.bank.shape[1], (count,), generator=self.rng)]
+        else:
+            features = self.synthesize(drawn + self.num_base)
+        return features, (drawn + self.num_base).to(features.device)
+
+    def loss(self, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+        count = round(self.cfg.synth.ratio * len(labels)) if self.generator is not None else 0
+        if count == 0:
+            return self.host.loss(batch, labels)
+        features, new_labels = self.synthetic_batch(count)
+        return self.host.loss(Batch(image=torch.cat([batch.image, features])), torch.cat([labels, new_labels]))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.host(batch)[:, self.columns]
+
+    def tune(self, val):
+        chosen = self.host.tune(val)  # val holds base classes only: a host search (off by default) is base-biased
+        if self.stage1_history:
+            chosen["generator/loss_first"], chosen["generator/loss_last"] = self.stage1_history[0], self.stage1_history[-1]
+        return chosen
+
+    # ------------------------------------------------------------------ evaluation on other class sets
+    def retarget(self, classnames: list[str], text: torch.Tensor) -> None:
+        super().retarget(classnames, text)
+        if self.num_new and list(classnames) == self.new_classnames:
+            self.columns = slice(self.num_base, self.num_base + self.num_new)
+            return
+        self.transfer(list(classnames), text)
+
+    def transfer(self, classnames: list[str], text: torch.Tensor) -> None:
+        """Cross-dataset: the host on the target classes, re-fitted on features synthesized for them (paper §4.2.2)."""
+        if isinstance(self.host, TipAdapter):
+            raise ValueError("ship with stage2=tip_adapter_f cannot move to another class set (its cache holds the "
+                             "source classes): use method.stage2=coop, the paper's cross-dataset setting")
+        # Every target starts from the source-trained host, whatever was evaluated before it.
+        learned = {name: p for name, p in self.host.named_parameters() if p.requires_grad}
+        if self.source_state is None:
+            self.source_state = {name: p.detach().clone() for name, p in learned.items()}
+        with torch.no_grad():
+            for name, p in learned.items():
+                p.copy_(self.source_state[name])
+        self.host.retarget(classnames, text)
+        self.columns = slice(None)
+        if self.cfg.transfer.per_class == 0:
+            return
+        if self.generator is None:  # the source task had no label-only classes: stage 1 runs now, on its train set
+            self.generator = PromptGenerator(self.cfg.generator, self.task, load_prompt_encoder(self.task, "ship"),
+                                             self.task.classnames)
+            self.train_generator()
+        self.generator.set_classes(classnames)
+        per_class, views = self.cfg.transfer.per_class, 1 + max(1, self.cfg.transfer.views)  # + view 0 ("plain")
+        labels = torch.arange(len(classnames)).repeat_interleave(per_class)
+        rng = torch.Generator().manual_seed(self.task.seed)  # a target's features do not depend on what came before
+        features = self.synthesize(labels.repeat(views), rng).view(views, len(labels), -1).transpose(0, 1)
+        synthetic = FeatureSet(image=features.cpu().numpy(), labels=labels.numpy())
+        log.info("ship: re-fitting %s on %d synthesized features x %d draws for %d target classes",
+                 self.cfg.stage2, len(labels), views, len(classnames))
+        from clipadapt.engine import fit
+
+        fit(self.host, synthetic, self.task.seed)
