@@ -84,6 +84,7 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
 class Calip(Method):
     Config = CalipSchema
     needs_dense = True
+    uses_augmented_views = False  # training-free: only the val draw (search) and the test set are read
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
@@ -209,6 +210,7 @@ class QueryKeyValue(nn.Module):
 @register_method("calip_fs")
 class CalipFS(Calip):
     Config = CalipFSSchema
+    uses_augmented_views = True
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
