@@ -367,7 +367,7 @@ def _download(dataset: str, url: str, part: Path, name: str, retries: int, progr
                     f"run `python -m clipadapt.prepare {dataset}` again to resume"
                 ) from error
             print(f"{dataset}: transfer interrupted ({error}); resuming", flush=True)
-            time.sleep(min(2**attempt, 10))
+            time.sleep(min(2**attempt - 1, 10))  # at once, then back off
 
 
 def fetch(dataset: str, remote: Remote, path: Path, retries: int = 3, progress: bool = True) -> None:
@@ -387,7 +387,8 @@ def fetch(dataset: str, remote: Remote, path: Path, retries: int = 3, progress: 
         try:
             _download(dataset, url, part, remote.filename, retries, progress)
         except (urllib.error.URLError, OSError, ValueError) as error:  # this source does not serve it: try the next
-            failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
+            reason = f"HTTP {error.code} {error.reason}" if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
+            failures.append(f"{url}: {reason}")
             continue
         problem = mismatch(remote, part)
         if problem is not None:
