@@ -163,14 +163,19 @@ def test_vocabulary_sources_exclusion_and_seeded_draw(tmp_path):
     split = {"train": [["a.jpg", 0, "Sea_Turtle"], ["b.jpg", 1, "kettle"]], "val": [], "test": [["c.jpg", 2, "sofa"]]}
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "split_other.json").write_text(json.dumps(split))
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "classnames.txt").write_text("n01443537 goldfish\nn01484850 great white shark\n")
+    (tmp_path / "fgvc_aircraft").mkdir()
+    (tmp_path / "fgvc_aircraft" / "variants.txt").write_text("707-320\nA380\n")
     cfg = OmegaConf.structured(AnchorSchema)
-    cfg.words_file, cfg.split_root = words_file(tmp_path, ["sea turtle", "Dog", "dog", "red circle"]), str(tmp_path)
+    cfg.words_file, cfg.datasets_root = words_file(tmp_path, ["sea turtle", "Dog", "dog", "red circle"]), str(tmp_path)
     names = anchor_vocabulary(cfg, targets=["red_circle"])
-    assert names == ["Sea Turtle", "kettle", "sofa", "Dog"]  # cross-dataset first, de-duplicated, target dropped
+    # cross-dataset names first (class lists in path order), then the words; de-duplicated, the target dropped
+    assert names == ["707-320", "A380", "goldfish", "great white shark", "Sea Turtle", "kettle", "sofa", "Dog"]
     cfg.num = 2
     drawn = anchor_vocabulary(cfg, targets=["red_circle"])
     assert len(drawn) == 2 and drawn == anchor_vocabulary(cfg, targets=["red_circle"])
-    cfg.split_root = str(tmp_path / "absent")  # no prepared datasets: the word list alone
+    cfg.datasets_root = str(tmp_path / "absent")  # no prepared datasets: the word list alone
     cfg.num = 100
     assert anchor_vocabulary(cfg, targets=[]) == ["sea turtle", "Dog", "red circle"]
 
@@ -203,4 +208,4 @@ def test_cell_end_to_end(tiny_config, tmp_path, method):
     assert metrics["chosen"]["num_anchors"] == 24 and "alpha" in metrics["chosen"]
     assert len(metrics["train/loss_history"]) == (1 if method == "rtos" else 0)
     assert 0 <= metrics["test/acc"] <= 100
-    assert cfg.method.anchors.split_root == cfg.paths.data_root  # cross-dataset names read from the data root
+    assert cfg.method.anchors.datasets_root == cfg.paths.data_root  # cross-dataset names read from the data root

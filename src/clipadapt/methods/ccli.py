@@ -264,7 +264,7 @@ class CCLI(Method):
         search = self.cfg.search
         if not search.enabled or val is None or len(val) == 0:
             return chosen
-        image = to_tensor(val.image[:, 0], self.text.device)
+        image = F.normalize(to_tensor(val.image[:, 0], self.text.device), dim=-1)  # unit rows, as the evaluator's
         labels = torch.as_tensor(val.labels, device=image.device)
         zero_shot = self.zero_shot_logits(image)
         alphas = torch.linspace(search.alpha_min, search.alpha_max, search.alpha_steps, device=image.device)

@@ -11,7 +11,7 @@ Reconstructed (the spec's recommended reading; every open choice is a config key
 - anchor prompt "a photo of a {anchor}." with only the anchor's own BPE tokens learnable (init from the
   token-embedding table, or one N(0, 0.02^2) token per anchor with `anchors.init=random`); template, SOS/EOT,
   positions and the tower are frozen and cached, and sequences are cut after the longest end token;
-- anchor vocabulary: class names of the other prepared benchmark datasets (CoOp split files under the data root)
+- anchor vocabulary: class names of the other prepared benchmark datasets (their class lists under the data root)
   plus a word list (default: the packaged open_concepts.txt), target names removed, `anchors.num` drawn by a
   seeded permutation;
 - relation R = softmax over anchors of cos(T, A) / tau_r (C x M); RTM: one cross-attention
@@ -49,8 +49,9 @@ RANDOM_PLACEHOLDER = "x"  # one BPE token whose embedding a random anchor token 
 class AnchorSchema:
     sources: list[str] = field(default_factory=lambda: ["cross_dataset", "words"])  # cross_dataset | words
     words_file: Optional[str] = None  # null: the packaged clipadapt/vocab/open_concepts.txt
-    split_root: Optional[str] = None  # where prepared datasets live (conf/method/rtos.yaml: ${paths.data_root})
-    split_glob: str = "*/split_*.json"  # CoOp split files below split_root whose class names become anchors
+    datasets_root: Optional[str] = None  # where prepared datasets live (conf/method/rtos.yaml: ${paths.data_root})
+    class_lists: list[str] = field(default_factory=lambda: [  # below datasets_root: whose class names become anchors
+        "*/split_*.json", "imagenet/classnames.txt", "fgvc_aircraft/variants.txt"])
     num: int = 1000  # M (fewer when the pool is smaller)
     seed: int = 0  # the permutation that draws M names from the pool
     init: str = "names"  # names: the words' token embeddings | random: one N(0, init_std^2) token per anchor
@@ -114,7 +115,7 @@ def anchor_vocabulary(cfg: AnchorSchema, targets: list[str]) -> list[str]:
         if source == "words":
             pool += read_words(cfg.words_file, "open_concepts.txt")
         elif source == "cross_dataset":
-            pool += cross_dataset_names(cfg.split_root, cfg.split_glob)
+            pool += cross_dataset_names(cfg.datasets_root, list(cfg.class_lists))
         else:
             raise ValueError(f"method.anchors.sources has {source!r}: use cross_dataset and/or words")
     pool = unique(pool, exclude=targets if cfg.exclude_targets else ())
@@ -233,8 +234,8 @@ class RTOS(Method):
             return nn.Parameter(weight, requires_grad=cfg.rtm.learnable)
 
         self.query, self.key = projection(), projection()
-        self.norm_query = nn.LayerNorm(dim) if cfg.rtm.layernorm else nn.Identity()
-        self.norm_key = nn.LayerNorm(dim) if cfg.rtm.layernorm else nn.Identity()
+        self.norm_query = (nn.LayerNorm(dim) if cfg.rtm.layernorm else nn.Identity()).requires_grad_(cfg.rtm.learnable)
+        self.norm_key = (nn.LayerNorm(dim) if cfg.rtm.layernorm else nn.Identity()).requires_grad_(cfg.rtm.learnable)
         self._fixed_anchors: torch.Tensor | None = None  # A, when the anchors are not learned
         self._frozen_state: tuple | None = None  # (version key, keys, relation) while evaluating
 
@@ -317,7 +318,7 @@ class RTOS(Method):
         chosen = {"alpha": self.alpha, **self.diagnostics()}
         if val is None or len(val) == 0:
             return chosen
-        image = to_tensor(val.image[:, 0], self.text.device)
+        image = F.normalize(to_tensor(val.image[:, 0], self.text.device), dim=-1)  # unit rows, as the evaluator's
         labels = torch.as_tensor(val.labels, device=image.device)
         zero_shot, transition = self.zero_shot_logits(image), self.transition_logits(image)
         accuracy = lambda logits: (logits.argmax(-1) == labels).float().mean(-1)  # noqa: E731

@@ -41,20 +41,34 @@ def read_words(path: str | Path | None, packaged: str) -> list[str]:
     return words
 
 
-def cross_dataset_names(root: str | Path | None, pattern: str) -> list[str]:
-    """Class names from every CoOp split file matching `pattern` under `root` (prepared datasets); [] when none."""
-    from clipadapt.data.registry import DatasetError, classnames_of, read_split_file
+def class_names_in(path: Path) -> list[str]:
+    """A prepared dataset's class list: a CoOp split file (.json), ImageNet's classnames.txt ("wnid name" lines)
+    or any other text file with one class name a line (e.g. FGVC-Aircraft's variants.txt)."""
+    from clipadapt.data.benchmarks import read_classnames
+    from clipadapt.data.registry import classnames_of, read_split_file
+
+    if path.suffix == ".json":
+        split = read_split_file(path)
+        return classnames_of(split["train"], split["val"], split["test"])
+    if path.name == "classnames.txt":
+        return list(read_classnames(path).values())
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cross_dataset_names(root: str | Path | None, patterns: list[str]) -> list[str]:
+    """Class names of the prepared datasets under `root` whose class lists match `patterns`; [] when none."""
+    from clipadapt.data.registry import DatasetError
 
     if root is None or not Path(root).is_dir():
         log.info("no prepared datasets under %s: cross-dataset names skipped", root)
         return []
     names: list[str] = []
-    for path in sorted(Path(root).glob(pattern)):
+    for path in sorted({p for pattern in patterns for p in Path(root).glob(pattern)}):
         try:
-            split = read_split_file(path)
-            names += classnames_of(split["train"], split["val"], split["test"])
-        except DatasetError as error:  # a half-prepared or foreign json file is not worth failing a run over
+            names += class_names_in(path)
+        except (DatasetError, UnicodeDecodeError) as error:  # a half-prepared or foreign file is not worth a failed run
             log.warning("skipping %s for cross-dataset names: %s", path, error)
+    log.info("%d cross-dataset class names from %s", len(names), root)
     return names
 
 
