@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,13 +47,15 @@ def test_context_fixed_to_a_photo_of_a_equals_zero_shot(tiny_config):
 
 
 def test_epochs_follow_the_shots_unless_set(tiny_config):
+    cfg = tiny_config("method=coop", "shots=4")
+    task, _ = make_task(cfg)
+    labels = task.train.labels
     epochs = {}
-    for shots in (1, 2, 4):
-        cfg = tiny_config("method=coop", f"shots={shots}")
-        epochs[shots] = build_method(cfg.method, make_task(cfg)[0]).cfg.train.epochs
+    for shots in (1, 2, 4):  # the 4-shot draw cut to its first `shots` images per class
+        rows = np.concatenate([np.flatnonzero(labels == k)[:shots] for k in np.unique(labels)])
+        epochs[shots] = build_method(cfg.method, replace(task, train=task.train.select(rows))).cfg.train.epochs
     assert epochs == {1: 50, 2: 100, 4: 100}
-    cfg = tiny_config("method=coop", "shots=2", "method.train.epochs=3")
-    assert build_method(cfg.method, make_task(cfg)[0]).cfg.train.epochs == 3
+    assert build_method(tiny_config("method=coop", "shots=4", "method.train.epochs=3").method, task).cfg.train.epochs == 3
     assert epochs_for_shots({2: 10, 8: 20}, 5) == 10  # a draw with fewer images than asked: the entry below
     with pytest.raises(ValueError, match="no entry for 1 shots"):
         epochs_for_shots({2: 10}, 1)
@@ -94,6 +97,8 @@ def test_features_file_has_no_text_tower(tiny_config):
 
 def test_run_records_the_resolved_schedule(tiny_config, tmp_path):
     metrics = run(tiny_config("method=coop", "shots=1", "method.epochs_by_shots={1: 2}"), tmp_path)
+    assert metrics["config"]["method"]["train"]["epochs"] is None  # as composed: resolved when the method is built
+    assert metrics["method_config"]["train"]["epochs"] == 2 and metrics["method_config"]["train"]["optimizer"] == "sgd"
     assert len(metrics["train/loss_history"]) == 2
     assert metrics["protocol"]["method_fidelity"] == "as published"
     assert 0 <= metrics["test/acc"] <= 100

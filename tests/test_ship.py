@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from clipadapt.engine import fit, predict
 from clipadapt.features import FeatureSet
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import Batch
-from clipadapt.methods.ship_generator import PromptGenerator
 from clipadapt.run import image_task_data, run
+from conftest import TINY, compose_config
 
 CPU = torch.device("cpu")
 # A small generator and short schedules: the tests check behaviour, not accuracy.
@@ -26,15 +27,20 @@ FAST = ["method.generator.enc_hidden=32", "method.generator.mlp_hidden=32", "met
 HOSTS = ["coop", "clip_adapter", "tip_adapter_f"]
 
 
-def base_to_new_task(tiny_config, *overrides) -> tuple[FewShotTask, protocols.Plan]:
+@pytest.fixture(scope="module")
+def b2n(session_root) -> tuple[FewShotTask, protocols.Plan]:
     """The task the runner builds for protocol.task=base_to_new (10 synthetic classes: 5 base, 5 label-only new)."""
-    cfg = tiny_config("method=ship", "protocol.task=base_to_new", "shots=2", *FAST, *overrides)
+    cfg = compose_config([*TINY, "method=ship", "protocol.task=base_to_new", "shots=2"], session_root)
     plan = protocols.setup(cfg, image_task_data(cfg, False, CPU))
     trained = plan.data
     task = FewShotTask(classnames=trained.classnames, templates=trained.templates, text=torch.tensor(trained.text).float(),
                        train=trained.train, val=trained.val, device=CPU, prompt_encoder=trained.prompt_encoder,
                        seed=cfg.seed, new_classnames=plan.new_classnames, new_text=torch.tensor(plan.new_text).float())
-    return cfg, task, plan
+    return task, plan
+
+
+def ship_config(tiny_config, *overrides):
+    return tiny_config("method=ship", "protocol.task=base_to_new", "shots=2", *FAST, *overrides).method
 
 
 def test_decoder_output_is_a_unit_image_feature(tiny_config, tmp_path):
@@ -49,8 +55,7 @@ def test_decoder_output_is_a_unit_image_feature(tiny_config, tmp_path):
                        train=FeatureSet(images, np.array([0, 0, 0, 1, 1, 1])), val=None, device=CPU,
                        prompt_encoder=backbone.prompt_encoder, new_classnames=["red fox", "owl"],
                        new_text=F.normalize(torch.randn(2, 32), dim=-1))
-    cfg = tiny_config("method=ship", *FAST)
-    ship = build_method(cfg.method, task)
+    ship = build_method(tiny_config("method=ship", *FAST).method, task)
     generator = ship.generator
     assert generator.latent_dim == 48 and generator.ctx.shape == (4, 48)  # latent and prompt in the text width
     z, labels = torch.randn(5, 48), torch.tensor([0, 1, 2, 3, 3])
@@ -62,19 +67,21 @@ def test_decoder_output_is_a_unit_image_feature(tiny_config, tmp_path):
     assert synthesized.shape == (5, 32) and torch.allclose(synthesized.norm(dim=-1), torch.ones(5), atol=1e-5)
 
 
-def test_stage1_loss_decreases(tiny_config):
-    cfg, task, _ = base_to_new_task(tiny_config, "method.generator.train.epochs=12")
+def test_stage1_loss_decreases(tiny_config, b2n):
+    task, _ = b2n
+    method_cfg = ship_config(tiny_config, "method.generator.train.epochs=12")
     torch.manual_seed(0)
-    ship = build_method(cfg.method, task)
+    ship = build_method(method_cfg, task)
     ship.train_generator()
     history = ship.stage1_history  # one step per epoch: 10 base images, batch 256
     assert len(history) == 12
     assert np.mean(history[-3:]) < 0.75 * np.mean(history[:3]), history
 
 
-def test_gradients_reach_only_the_learnable_parts(tiny_config):
-    cfg, task, _ = base_to_new_task(tiny_config)
-    ship = build_method(cfg.method, task)
+def test_gradients_reach_only_the_learnable_parts(tiny_config, b2n):
+    task, _ = b2n
+    method_cfg = ship_config(tiny_config)
+    ship = build_method(method_cfg, task)
     generator, tower = ship.generator, ship.generator.text_tower
     tower_ids = {id(p) for p in tower.parameters()}
     batch = Batch(image=F.normalize(task.train_tensor(slice(1, 2))[:, 0], dim=-1))
@@ -95,11 +102,11 @@ def test_gradients_reach_only_the_learnable_parts(tiny_config):
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_without_synthesized_features_stage2_is_the_plain_method(tiny_config, host):
-    cfg, task, plan = base_to_new_task(tiny_config, f"method.stage2={host}", "method.synth.ratio=0",
-                                       "++method.synth.keys_per_class=0")
+def test_without_synthesized_features_stage2_is_the_plain_method(tiny_config, host, b2n):
+    task, plan = b2n
+    method_cfg = ship_config(tiny_config, f"method.stage2={host}", "method.synth.ratio=0", "++method.synth.keys_per_class=0")
     torch.manual_seed(0)
-    ship = build_method(cfg.method, task)
+    ship = build_method(method_cfg, task)
     ship.setup()
     ship_history = fit(ship, task.train, seed=1)
 
@@ -112,10 +119,11 @@ def test_without_synthesized_features_stage2_is_the_plain_method(tiny_config, ho
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_stage2_with_synthesized_features_and_base_then_new_columns(tiny_config, host):
-    cfg, task, plan = base_to_new_task(tiny_config, f"method.stage2={host}")
+def test_stage2_with_synthesized_features_and_base_then_new_columns(tiny_config, host, b2n):
+    task, plan = b2n
+    method_cfg = ship_config(tiny_config, f"method.stage2={host}")
     torch.manual_seed(0)
-    ship = build_method(cfg.method, task)
+    ship = build_method(method_cfg, task)
     ship.setup()
     num_base, num_new = len(task.classnames), len(task.new_classnames)
 
@@ -141,9 +149,10 @@ def test_stage2_with_synthesized_features_and_base_then_new_columns(tiny_config,
     assert torch.equal(predict(ship, test), joint[:, num_base:])  # new test set: new label space
 
 
-def test_bank_draws_come_from_the_bank(tiny_config):
-    cfg, task, _ = base_to_new_task(tiny_config, "method.stage2=clip_adapter", "++method.synth.bank_per_class=3")
-    ship = build_method(cfg.method, task)
+def test_bank_draws_come_from_the_bank(tiny_config, b2n):
+    task, _ = b2n
+    method_cfg = ship_config(tiny_config, "method.stage2=clip_adapter", "++method.synth.bank_per_class=3")
+    ship = build_method(method_cfg, task)
     ship.setup()
     assert ship.bank.shape == (len(task.new_classnames), 3, task.text.shape[1])
     features, labels = ship.synthetic_batch(20)
@@ -151,15 +160,15 @@ def test_bank_draws_come_from_the_bank(tiny_config):
     assert ((own_class - features[:, None]).abs().amax(-1) == 0).any(1).all()
 
 
-def test_cross_dataset_refits_the_host_on_synthesized_target_features(tiny_config, caplog):
+def test_cross_dataset_refits_the_host_on_synthesized_target_features(tiny_config, caplog, b2n):
     # few_shot: no label-only classes, so stage 2 is plain CoOp; retargeting to other classes trains the
     # generator on the source draw and re-fits CoOp on features synthesized for the targets, each from the source state.
-    cfg = tiny_config("method=ship", "shots=2", *FAST, "++method.transfer.per_class=2", "++method.transfer.views=2")
-    data = image_task_data(cfg, False, CPU)
-    task = FewShotTask(classnames=data.classnames, templates=data.templates, text=torch.tensor(data.text).float(),
-                       train=data.train, val=None, device=CPU, prompt_encoder=data.prompt_encoder, seed=1)
+    base_to_new, plan = b2n
+    task = replace(base_to_new, new_classnames=[], new_text=None)
+    method_cfg = tiny_config("method=ship", "shots=2", *FAST, "++method.transfer.per_class=2",
+                             "++method.transfer.views=2").method
     with caplog.at_level(logging.WARNING, logger="clipadapt.methods.ship"):
-        ship = build_method(cfg.method, task)
+        ship = build_method(method_cfg, task)
     assert ship.generator is None and "no label-only classes" in caplog.text
     ship.setup()
     fit(ship, task.train, seed=1)
@@ -168,24 +177,26 @@ def test_cross_dataset_refits_the_host_on_synthesized_target_features(tiny_confi
     targets = ["violet hexagon", "green star", "blue moon"]
     ship.retarget(targets, F.normalize(torch.randn(3, task.text.shape[1]), dim=-1))
     assert ship.generator is not None and len(ship.stage1_history) == 2
-    assert predict(ship, data.test).shape == (len(data.test), 3)
+    assert predict(ship, plan.data.test).shape == (len(plan.data.test), 3)
     first_ctx = ship.host.ctx.detach().clone()
     assert not torch.equal(first_ctx, source_ctx)
     ship.retarget(targets, F.normalize(torch.randn(3, task.text.shape[1]), dim=-1))  # the same target again
     assert torch.equal(ship.host.ctx, first_ctx)  # started from the source state, not from the first target's
 
 
-def test_tip_adapter_host_cannot_change_class_set(tiny_config):
-    cfg, task, _ = base_to_new_task(tiny_config, "method.stage2=tip_adapter_f")
-    ship = build_method(cfg.method, task)
+def test_tip_adapter_host_cannot_change_class_set(tiny_config, b2n):
+    task, _ = b2n
+    method_cfg = ship_config(tiny_config, "method.stage2=tip_adapter_f")
+    ship = build_method(method_cfg, task)
     with pytest.raises(ValueError, match="stage2=coop"):
         ship.retarget(["a", "b"], torch.zeros(2, task.text.shape[1]))
 
 
-def test_bad_stage2_fails_clearly(tiny_config):
-    cfg, task, _ = base_to_new_task(tiny_config, "method.stage2=lora")
+def test_bad_stage2_fails_clearly(tiny_config, b2n):
+    task, _ = b2n
+    method_cfg = ship_config(tiny_config, "method.stage2=lora")
     with pytest.raises(ValueError, match="coop"):
-        build_method(cfg.method, task)
+        build_method(method_cfg, task)
 
 
 def test_base_to_new_end_to_end(tiny_config, tmp_path):
@@ -193,5 +204,6 @@ def test_base_to_new_end_to_end(tiny_config, tmp_path):
     assert metrics["protocol"]["task"] == "base_to_new" and metrics["protocol"]["new_classes"] == 5
     assert metrics["H"] == pytest.approx(protocols.harmonic_mean(metrics["base/acc"], metrics["new/acc"]))
     assert len(metrics["train/loss_history"]) == 2
+    assert metrics["method_config"]["train"]["optimizer"] == "sgd" and metrics["method_config"]["train"]["momentum"] == 0
     assert {"generator/loss_first", "generator/loss_last"} <= set(metrics["chosen"])
     assert metrics["protocol"]["leaky"] is False

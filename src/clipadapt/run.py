@@ -216,6 +216,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             **scores,
             "train/loss_history": history,
             "chosen": chosen,
+            # every method option as run: schema defaults and what the method resolved (e.g. CoOp's epochs by shots)
+            "method_config": OmegaConf.to_container(method.cfg, resolve=True),
             "protocol": {**protocol_flags(cfg, method_cfg, data), **plan.record},
             "draw": data.provenance.get("draw"),
             "timings": timings,
