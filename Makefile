@@ -23,6 +23,7 @@ $(VENV)/.installed-$(TORCH): pyproject.toml constraints-$(TORCH).txt
 install: $(VENV)/.installed-$(TORCH) ## create .venv and install the project (TORCH=cpu|gpu)
 
 run: install ## the default experiment: Tip-Adapter-F, EuroSAT, 16 shots, RN50/OpenAI (needs the internet once)
+	$(PY) -m clipadapt.prepare eurosat
 	$(PY) -m clipadapt.train $(ARGS)
 
 demo: install ## the same pipeline offline, on synthetic images and a tiny random-init CLIP
