@@ -106,6 +106,7 @@ def test_gradients_reach_the_anchor_tokens_and_nothing_frozen(backbone, tmp_path
     assert all(p.grad is None and not p.requires_grad for p in method.encoder.parameters())
 
     method.zero_grad()
+    assert not method.train().encoder.training  # the shared frozen tower never leaves eval mode
     fit(method, task.train, seed=1)  # the whole loop: only the trainable parameters move
     assert method.anchors.offset.abs().sum() > 0
     assert all(torch.equal(p, frozen_tower[n]) for n, p in method.encoder.named_parameters())

@@ -296,6 +296,11 @@ class RTOS(Method):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.zero_shot_logits(batch.image) + self.alpha * self.transition_logits(batch.image)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # the frozen tower is the feature extractor's model too (BatchNorm in ResNets): keep it in eval
+        return self
+
     def retarget(self, classnames, text):
         super().retarget(classnames, text)  # the relation is recomputed from the new class text: any class set works
         self._frozen_state = None
