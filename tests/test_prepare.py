@@ -294,3 +294,60 @@ def test_reference_hashes_match_the_shared_split_files(tmp_path, shared_splits):
     compact = tmp_path / "compact.json"  # the content hash ignores layout: a re-serialised copy hashes the same
     compact.write_text(json.dumps(json.loads((shared_splits / "split_zhou_DescribableTextures.json").read_text())))
     assert json_content_sha256(compact) == RECIPES["dtd"].split_content_sha256
+
+
+def tar_of(members: dict[str, bytes], mode: str = "w") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_imagenet_official_archives_are_checked_and_unpacked(tmp_path, server, monkeypatch):
+    """The by-hand route with ILSVRC-2012's archive formats (per-class train tars, flat val images sorted by the
+    devkit's ground truth), in miniature; torchvision's parsers see the miniatures' MD5s."""
+    import numpy as np
+    import scipy.io
+    from PIL import Image
+
+    from clipadapt._compat import ensure_torchvision
+
+    ensure_torchvision()
+    import torchvision.datasets.imagenet as tv_imagenet
+
+    wnids = sorted(trees.WNIDS)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(jpeg, format="JPEG")
+    train = tar_of({f"{w}.tar": tar_of({f"{w}_{n}.JPEG": jpeg.getvalue() for n in range(2)}) for w in wnids})
+    val_labels = [3, 1, 6, 2, 5, 4, 1, 2, 3, 4, 5, 6]  # 1-based ILSVRC2012_ID of each val image, two per class
+    val = tar_of({f"ILSVRC2012_val_{k:08d}.JPEG": jpeg.getvalue() for k in range(1, len(val_labels) + 1)})
+    mat = io.BytesIO()
+    synsets = np.array([(i + 1, w, trees.WNIDS[w], "", 0) for i, w in enumerate(wnids)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")])
+    scipy.io.savemat(mat, {"synsets": synsets})
+    devkit = tar_of({"ILSVRC2012_devkit_t12/data/meta.mat": mat.getvalue(),
+                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(f"{i}\n" for i in val_labels).encode()},
+                    mode="w:gz")
+    archives = {"ILSVRC2012_img_train.tar": train, "ILSVRC2012_img_val.tar": val, "ILSVRC2012_devkit_t12.tar.gz": devkit}
+    monkeypatch.setattr(tv_imagenet, "ARCHIVE_META", {key: (name, md5(archives[name])) for key, name in
+                                                       [("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),
+                                                        ("devkit", "ILSVRC2012_devkit_t12.tar.gz")]})
+    cfg = dataset_config("imagenet")
+    classnames = tmp_path / "classnames.txt"
+    trees.classnames_txt(classnames)
+    cfg.split_url = server.serve("/classnames.txt", classnames.read_bytes())
+    recipe = replace(RECIPES["imagenet"], expected=Sizes(6, 12, 0, 12))
+    monkeypatch.setattr(prepare, "_check_classnames", lambda path: None)  # the miniature lists 6 classes, not 1000
+    data = tmp_path / "data"
+    with pytest.raises(ManualStep, match="licence-gated"):
+        prepare_dataset(recipe, cfg, data, progress=False)
+    for name, content in archives.items():
+        (data / "imagenet" / name).write_bytes(content)
+    assert prepare_dataset(recipe, cfg, data, progress=False).state == "ready"
+    dataset = build_dataset(cfg, data)
+    assert [i.label for i in dataset.test] == sorted(label - 1 for label in val_labels)
+    assert dataset.test[0].path == "val/n01440764/ILSVRC2012_val_00000002.JPEG"  # ground truth 1 -> wnids[0]
+    assert all((data / "imagenet" / name).is_file() for name in archives)  # a person's files stay

@@ -185,9 +185,10 @@ def _base_to_new(data: Any) -> Plan:
     if (data.train.labels >= base).any() or (data.val is not None and (data.val.labels >= base).any()):
         raise AssertionError("base-to-new: the draw must hold base classes only (protocols.draw)")
     text = np.asarray(data.text)
-    trained = replace(data, classnames=data.classnames[:base], text=text[:base])
+    base_test = _relabelled(data.test, 0, base)
+    trained = replace(data, classnames=data.classnames[:base], text=text[:base], test=base_test)
     evaluations = [
-        Evaluation("base", _relabelled(data.test, 0, base)),
+        Evaluation("base", base_test),
         Evaluation("new", _relabelled(data.test, base, n), data.classnames[base:], text[base:]),
     ]
     record = {"task": "base_to_new", "base_classes": base, "new_classes": n - base}
