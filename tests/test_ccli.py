@@ -76,6 +76,16 @@ def test_special_case_is_tip_adapter_exactly(backbone, tmp_path):
         assert torch.equal(method(Batch(image)), tip(Batch(image)))  # bit for bit, text branch included (U = 0)
 
 
+def test_tip_cache_ablation_adds_tip_adapters_term(backbone):
+    task = make_task(backbone)
+    settings = {"beta": 2.5, "search.enabled": False}
+    method = ccli(task, alpha=0.0, gamma=0.0, use_tip_cache=True, tip_weight=1.3, **settings)
+    tip = ccli(task, name="tip_adapter", alpha=1.3, **settings)
+    image = unit(5, task.text.shape[1], seed=12)
+    with torch.no_grad():
+        assert torch.equal(method(Batch(image)), tip(Batch(image)))
+
+
 def test_fusion_weights_zero_give_zero_shot_logits(backbone):
     task = make_task(backbone)
     method = ccli(task, alpha=0.0, gamma=0.0, **{"search.enabled": False, "train.epochs": 2})

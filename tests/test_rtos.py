@@ -55,7 +55,8 @@ def words_file(tmp_path, words) -> str:
 
 
 def rtos(task, tmp_path, name="rtos", words=ANCHORS, **overrides):
-    node = OmegaConf.create({"name": name, "anchors": {"sources": ["words"], "words_file": words_file(tmp_path, words)}})
+    anchors = {"sources": ["words"], "words_file": words_file(tmp_path, words)}
+    node = OmegaConf.create({"name": name, "anchors": anchors})
     node = OmegaConf.merge(node, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
     torch.manual_seed(0)
     return build_method(node, task)
@@ -77,7 +78,8 @@ def test_anchor_prompts_scatter_learnable_tokens_into_the_frozen_template(backbo
     lengths = method.anchors.mask.sum(1).tolist()
     assert lengths[0] == 1 and max(lengths) >= 3 and method.anchors.span == max(lengths)
     with torch.no_grad():  # at initialisation the anchors are exactly their words
-        torch.testing.assert_close(method.anchor_features(), backbone.encode_texts(ANCHORS, [TEMPLATE]), atol=1e-5, rtol=0)
+        expected = backbone.encode_texts(ANCHORS, [TEMPLATE])
+        torch.testing.assert_close(method.anchor_features(), expected, atol=1e-5, rtol=0)
 
 
 def test_fusion_weight_zero_gives_zero_shot_logits(backbone, tmp_path):

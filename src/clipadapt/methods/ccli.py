@@ -241,8 +241,12 @@ class CCLI(Method):
         if text is not None:
             out = out + gamma * text
         if self.cfg.use_tip_cache:
-            out = out + self.cfg.tip_weight * (torch.exp(-beta * (1 - image @ self.tip_keys.t())) @ self.tip_values)
+            out = out + self.tip_logits(image, beta)
         return out
+
+    def tip_logits(self, image: torch.Tensor, beta: float) -> torch.Tensor:
+        """The optional plain Tip-Adapter cache term (train images as keys, their labels as values)."""
+        return self.cfg.tip_weight * (torch.exp(-beta * (1 - image @ self.tip_keys.t())) @ self.tip_values)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.logits(batch.image, self.alpha, self.beta, self.gamma)
@@ -270,11 +274,10 @@ class CCLI(Method):
         alphas = torch.linspace(search.alpha_min, search.alpha_max, search.alpha_steps, device=image.device)
         betas = torch.logspace(np.log10(search.beta_min), np.log10(search.beta_max), search.beta_steps).tolist()
         gammas = list(search.gammas) if (self.cfg.head == "linear" and self.cfg.use_text_concepts) else [self.gamma]
-        tip = self.cfg.use_tip_cache
         scores = torch.zeros(len(betas), len(alphas), len(gammas))
         for b, beta in enumerate(betas):
             visual, text = self.branches(image, beta)
-            base = zero_shot + (self.cfg.tip_weight * torch.exp(-beta * (1 - image @ self.tip_keys.t())) @ self.tip_values if tip else 0)
+            base = zero_shot + (self.tip_logits(image, beta) if self.cfg.use_tip_cache else 0)
             for g, gamma in enumerate(gammas):
                 fused = base + (0 if text is None else gamma * text) + alphas[:, None, None] * visual  # [A, N, C]
                 scores[b, :, g] = (fused.argmax(-1) == labels).float().mean(-1).cpu()

@@ -148,7 +148,8 @@ class AnchorPrompts(nn.Module):
         end = ids.argmax(-1)
         if int(end.max()) >= ids.shape[1] - 1:
             longest = words[int(end.argmax())]
-            raise ValueError(f"anchor prompt for {longest!r} does not fit CLIP's context: shorten the names or template")
+            raise ValueError(f"anchor prompt for {longest!r} does not fit CLIP's context: "
+                             f"shorten the names or the template")
         lengths = end - start - suffix
         own = encoder.tokenize(words).argmax(-1) - 1  # each word's token count when tokenised alone
         if not torch.equal(lengths, own):
@@ -298,7 +299,7 @@ class RTOS(Method):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.encoder.eval()  # the frozen tower is the feature extractor's model too (BatchNorm in ResNets): keep it in eval
+        self.encoder.eval()  # the frozen tower is the feature extractor's model too (ResNet BatchNorm): stay in eval
         return self
 
     def retarget(self, classnames, text):
@@ -310,7 +311,8 @@ class RTOS(Method):
     def diagnostics(self) -> dict:
         """Spec 6 #14: how far the anchor tokens moved from their start, and how peaked the relation rows are."""
         initial = self.anchors.initial[self.anchors.mask]
-        moved = (self.anchors.tokens()[self.anchors.mask] - initial).norm(dim=-1) / initial.norm(dim=-1).clamp_min(1e-12)
+        moved = (self.anchors.tokens()[self.anchors.mask] - initial).norm(dim=-1)
+        moved = moved / initial.norm(dim=-1).clamp_min(1e-12)
         out = {"num_anchors": len(self.anchors), "anchor_drift": float(moved.mean())}
         if self.cfg.relation.mode == "softmax_anchor":
             relation = self._state()[1]
