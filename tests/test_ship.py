@@ -207,3 +207,28 @@ def test_base_to_new_end_to_end(tiny_config, tmp_path):
     assert metrics["method_config"]["train"]["optimizer"] == "sgd" and metrics["method_config"]["train"]["momentum"] == 0
     assert {"generator/loss_first", "generator/loss_last"} <= set(metrics["chosen"])
     assert metrics["protocol"]["leaky"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA only")
+def test_bf16_text_tower_matches_fp32(tiny_config):
+    assert_precisions_agree(tiny_config, torch.device("cuda"))
+
+
+def assert_precisions_agree(tiny_config, device: torch.device) -> None:
+    """Spec §7 Q15: the reconstruction loss with the text tower under bf16 autocast is the fp32 one to ~1e-2."""
+    backbone = ClipBackbone("clipadapt-tiny-vit", device=str(device))
+    generator_ = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(8, 2, 64, generator=generator_), dim=-1)
+    task = FewShotTask(classnames=["cat", "dog"], templates=[], text=F.normalize(torch.randn(2, 64), dim=-1).to(device),
+                       train=FeatureSet(images.numpy(), np.array([0, 1] * 4)), val=None, device=device,
+                       prompt_encoder=backbone.prompt_encoder, new_classnames=["owl"],
+                       new_text=F.normalize(torch.randn(1, 64), dim=-1).to(device))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        ship = build_method(tiny_config("method=ship", *FAST, f"++method.generator.precision={precision}").method, task)
+        torch.manual_seed(1)  # the same reparameterisation noise
+        with torch.no_grad():
+            losses[precision] = float(ship.generator.loss(Batch(image=images[:, 0].to(device)), torch.tensor([0, 1] * 4, device=device)))
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=1e-2)
