@@ -116,7 +116,7 @@ class Ship(Method):
         self.rng = torch.Generator().manual_seed(task.seed)
         self.bank: torch.Tensor | None = None
         self.stage1_history: list[float] = []
-        self.source_state: dict[str, torch.Tensor] | None = None  # the host's learned parameters before any transfer
+        self.source_state: dict[str, torch.Tensor] | None = None  # the host's learned parameters, once transferred
 
     # ------------------------------------------------------------------ stage 1
     def train_generator(self) -> None:
@@ -185,8 +185,9 @@ class Ship(Method):
 
     # ------------------------------------------------------------------ evaluation on other class sets
     def retarget(self, classnames: list[str], text: torch.Tensor) -> None:
+        """The new classes of base-to-new: their columns of the joint label space; any other class set: `transfer`."""
         super().retarget(classnames, text)
-        if self.num_new and list(classnames) == self.new_classnames:
+        if self.num_new and self.source_state is None and list(classnames) == self.new_classnames:
             self.columns = slice(self.num_base, self.num_base + self.num_new)
             return
         self.transfer(list(classnames), text)
