@@ -79,6 +79,7 @@ class ProtocolSchema:
 @dataclass
 class SweepSchema:
     skip_done: bool = True  # multirun: a cell whose metrics.json matches its config hash is skipped (clipadapt.sweep)
+    batch_cells: bool = False  # launcher=batched: train the cells of each method/backbone/dataset as one stacked model
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable
 
@@ -139,17 +138,6 @@ def own_losses(cells: list[CellTrainer], batches: list[tuple[Batch, torch.Tensor
     return torch.stack([cell.method.loss(batch, labels) for cell, (batch, labels) in zip(cells, batches)])
 
 
-@contextmanager
-def flushed_denormals():
-    """Denormal floats cost x86 CPUs ~100x per operation, and Adam's second moments become denormal once
-    gradients vanish (Tip-Adapter-F's optimizer step took 5x longer): flush them to zero while training."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 def train_loop(cells: list[CellTrainer], losses: Losses = own_losses) -> list[list[float]]:
     """The one training loop: the cells' epochs and steps in lockstep, each with its own optimizer and schedule.
 
@@ -158,26 +146,25 @@ def train_loop(cells: list[CellTrainer], losses: Losses = own_losses) -> list[li
     share no parameters, so each gets exactly its own gradient. Returns each cell's mean loss per epoch.
     """
     training = [cell for cell in cells if cell.epochs]
-    with flushed_denormals():
-        for cell in training:
-            cell.method.train()
-        for epoch in range(max((cell.epochs for cell in training), default=0)):
-            running = [cell for cell in training if epoch < cell.epochs]
-            for cell in running:
-                cell.shuffle()
-            for step in range(max(cell.steps_per_epoch for cell in running)):
-                active = [cell for cell in running if step < cell.steps_per_epoch]
-                batches = [cell.batch(step) for cell in active]
-                loss = losses(active, batches)
-                for cell in active:
-                    cell.optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                for cell, value, (_, labels) in zip(active, loss.detach(), batches):
-                    cell.step(value, len(labels))
-            for cell in running:
-                cell.end_epoch(epoch)
-        for cell in training:
-            cell.method.eval()
+    for cell in training:
+        cell.method.train()
+    for epoch in range(max((cell.epochs for cell in training), default=0)):
+        running = [cell for cell in training if epoch < cell.epochs]
+        for cell in running:
+            cell.shuffle()
+        for step in range(max(cell.steps_per_epoch for cell in running)):
+            active = [cell for cell in running if step < cell.steps_per_epoch]
+            batches = [cell.batch(step) for cell in active]
+            loss = losses(active, batches)
+            for cell in active:
+                cell.optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            for cell, value, (_, labels) in zip(active, loss.detach(), batches):
+                cell.step(value, len(labels))
+        for cell in running:
+            cell.end_epoch(epoch)
+    for cell in training:
+        cell.method.eval()
     return [cell.history for cell in cells]
 
 

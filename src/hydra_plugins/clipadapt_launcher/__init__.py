@@ -1,0 +1,1 @@
+"""clipadapt's Hydra launcher plugin (`hydra/launcher=batched`, or `launcher=batched` through conf/launcher/)."""
