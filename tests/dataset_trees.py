@@ -86,7 +86,7 @@ def imagenet_tree(data_root: Path, per_class: dict[str, int] | None = None) -> N
     k = 0
     for split, count in per_class.items():
         for wnid in WNIDS:
-            for n in range(count):
+            for _ in range(count):
                 k += 1
                 name = f"{wnid}_{k}.JPEG" if split == "train" else f"ILSVRC2012_val_{k:08d}.JPEG"
                 image(folder / "images" / split / wnid / name, k)

@@ -130,7 +130,8 @@ def test_good_download_is_laid_out_verified_and_not_fetched_again(tmp_path, serv
 
 def test_checksum_mismatch_is_an_error_and_keeps_nothing(tmp_path, server):
     recipe, cfg, _ = eurosat_setup(tmp_path, server, archive_md5="0" * 32)
-    with pytest.raises(PrepareError, match=r"eurosat: EuroSAT\.zip from http://127\.0\.0\.1:\d+/EuroSAT\.zip failed verification \(its md5 is [0-9a-f]{32}, the published one 0{32}\); the download was deleted"):
+    with pytest.raises(PrepareError, match=r"eurosat: EuroSAT\.zip from http://127\.0\.0\.1:\d+/EuroSAT\.zip failed verification "
+                                           r"\(its md5 is [0-9a-f]{32}, the published one 0{32}\); the download was deleted"):
         prepare_dataset(recipe, cfg, tmp_path / "data", progress=False)
     folder = tmp_path / "data" / "eurosat"
     assert not (folder / "EuroSAT.zip").exists() and not (folder / "EuroSAT.zip.part").exists()
@@ -142,7 +143,8 @@ def test_an_interrupted_transfer_resumes(tmp_path, server):
     half = len(archive) // 2
     server.cut_once["/EuroSAT.zip"] = half
     data = tmp_path / "data"
-    with pytest.raises(PrepareError, match=r"interrupted .* kept in .*EuroSAT\.zip\.part: run `python -m clipadapt\.prepare eurosat` again to resume"):
+    resume = r"interrupted .* kept in .*EuroSAT\.zip\.part: run `python -m clipadapt\.prepare eurosat` again to resume"
+    with pytest.raises(PrepareError, match=resume):
         prepare_dataset(recipe, cfg, data, retries=0, progress=False)
     assert (data / "eurosat" / "EuroSAT.zip.part").stat().st_size == half
 
@@ -190,7 +192,8 @@ def test_a_web_page_instead_of_the_file_is_refused(tmp_path, server):
 
 def test_a_split_file_with_other_sizes_is_refused(tmp_path, server):
     recipe, cfg, _ = eurosat_setup(tmp_path, server)
-    with pytest.raises(PrepareError, match=r"has 3 classes, 9 / 6 / 6 train/val/test, protocol\.md says 10 classes, 13,500 / 5,400 / 8,100"):
+    sizes = r"has 3 classes, 9 / 6 / 6 train/val/test, protocol\.md says 10 classes, 13,500 / 5,400 / 8,100"
+    with pytest.raises(PrepareError, match=sizes):
         prepare_dataset(replace(recipe, expected=None, split_content_sha256=None), cfg, tmp_path / "data", progress=False)
 
 
@@ -239,7 +242,8 @@ def test_check_reports_ready_missing_and_incomplete(tmp_path, monkeypatch, capsy
     assert prepare.main(["--check", "eurosat", "fgvc_aircraft", "dtd", "--data-root", str(data)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["eurosat", "ready", "3", "classes,", "9", "/", "6", "/", "6", "train/val/test"]
-    assert lines[1].startswith("fgvc_aircraft    incomplete  3 classes, 9 / 6 / 6 train/val/test, protocol.md says 100 classes, 3,334 / 3,333 / 3,333")
+    assert lines[1].startswith("fgvc_aircraft    incomplete  3 classes, 9 / 6 / 6 train/val/test, "
+                               "protocol.md says 100 classes, 3,334 / 3,333 / 3,333")
     assert lines[2] == "dtd              missing     not downloaded: run `python -m clipadapt.prepare dtd`"
     assert lines[3] == f"1 of 3 ready under {data.resolve()}"
 
@@ -328,9 +332,9 @@ def test_imagenet_official_archives_are_checked_and_unpacked(tmp_path, server, m
     synsets = np.array([(i + 1, w, trees.WNIDS[w], "", 0) for i, w in enumerate(wnids)],
                        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O")])
     scipy.io.savemat(mat, {"synsets": synsets})
+    ground_truth = "".join(f"{i}\n" for i in val_labels).encode()
     devkit = tar_of({"ILSVRC2012_devkit_t12/data/meta.mat": mat.getvalue(),
-                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(f"{i}\n" for i in val_labels).encode()},
-                    mode="w:gz")
+                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": ground_truth}, mode="w:gz")
     archives = {"ILSVRC2012_img_train.tar": train, "ILSVRC2012_img_val.tar": val, "ILSVRC2012_devkit_t12.tar.gz": devkit}
     monkeypatch.setattr(tv_imagenet, "ARCHIVE_META", {key: (name, md5(archives[name])) for key, name in
                                                        [("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),

@@ -387,8 +387,8 @@ def fetch(dataset: str, remote: Remote, path: Path, retries: int = 3, progress: 
         try:
             _download(dataset, url, part, remote.filename, retries, progress)
         except (urllib.error.URLError, OSError, ValueError) as error:  # this source does not serve it: try the next
-            reason = f"HTTP {error.code} {error.reason}" if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
-            failures.append(f"{url}: {reason}")
+            http = isinstance(error, urllib.error.HTTPError)
+            failures.append(f"{url}: {f'HTTP {error.code} {error.reason}' if http else getattr(error, 'reason', error)}")
             continue
         problem = mismatch(remote, part)
         if problem is not None:
@@ -436,7 +436,7 @@ def unpack(dataset: str, remote: Remote, archive: Path, folder: Path) -> None:
     for member, destination in remote.unpack:
         source, target = staging / member, folder / destination
         if not source.exists():
-            raise PrepareError(f"{dataset}: {remote.filename} has no {member}: it is not the expected archive (delete it and run again)")
+            raise PrepareError(f"{dataset}: {remote.filename} has no {member}: not the expected archive (delete it, run again)")
         _remove(target)  # a previous, interrupted unpacking
         source.rename(target)
     _remove(staging)
@@ -466,7 +466,7 @@ def inspect(recipe: Recipe, cfg: DictConfig, data_root: Path) -> Status:
         return Status("incomplete", f"{_sizes_text(sizes)}, protocol.md says {_sizes_text(expected)}", sizes)
     split_path = dataset_root(cfg, data_root) / (cfg.split_file or "")
     if recipe.split_content_sha256 and split_path.is_file() and json_content_sha256(split_path) != recipe.split_content_sha256:
-        return Status("incomplete", f"{split_path} differs from the reference copy of CoOp's split file: delete it and re-run", sizes)
+        return Status("incomplete", f"{split_path} differs from the reference copy of CoOp's split file: delete it, re-run", sizes)
     try:
         dataset.check_images_exist()
     except DatasetError as error:

@@ -70,7 +70,8 @@ def draw(train: list[Item], val: list[Item], num_classes: int, cfg: DictConfig) 
         drawn, source = draw_few_shot(train, val, cfg.shots, cfg.seed), "drawn"
     if task == "base_to_new":
         base = base_class_count(num_classes)
-        drawn = Draw([i for i in drawn.train if i.label < base], [i for i in drawn.val if i.label < base], drawn.shots, drawn.seed)
+        train, val = ([i for i in items if i.label < base] for items in (drawn.train, drawn.val))
+        drawn = Draw(train, val, drawn.shots, drawn.seed)
     return drawn, source
 
 

@@ -105,7 +105,8 @@ def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, au
         target.check_images_exist(target.test)
         target_extractor = _extractor(cfg, target, load_backbone)
         text = target_extractor.text(target.classnames, target.templates) if with_text else None
-        test = target_extractor.images([i.path for i in target.test], [i.label for i in target.test], View("plain"), dense=needs_dense)
+        paths, labels = [i.path for i in target.test], [i.label for i in target.test]
+        test = target_extractor.images(paths, labels, View("plain"), dense=needs_dense)
         return protocols.Target(name, target.classnames, text, test)
 
     return TaskData(
@@ -190,7 +191,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             train=trained.train, val=trained.val if cfg.protocol.val_policy != "none" else None,
             device=device, prompt_encoder=trained.prompt_encoder, seed=cfg.seed,
             new_classnames=plan.new_classnames,
-            new_text=None if plan.new_text is None else torch.tensor(np.asarray(plan.new_text), dtype=torch.float32, device=device),
+            new_text=None if plan.new_text is None else torch.tensor(plan.new_text, dtype=torch.float32, device=device),
         )
         method = build_method(method_cfg, task)
         t = time.perf_counter()
@@ -228,7 +229,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         write_json_atomic(output_dir / "metrics.json", metrics)
         headline = {k: v for k, v in scores.items() if isinstance(v, float)}
         logger.summary({**headline, **{f"chosen/{k}": v for k, v in chosen.items()}})
-        log.info("%s: test/acc %.2f (%d test images, %.1f s)", cfg.run_name, metrics["test/acc"], metrics["num_test"], timings["total_s"])
+        log.info("%s: test/acc %.2f (%d test images, %.1f s)",
+                 cfg.run_name, metrics["test/acc"], metrics["num_test"], timings["total_s"])
         failed = False
         return metrics
     finally:
