@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -109,6 +109,11 @@ class Series:
         return f"{self.method} [{', '.join(f'{k}={_short(v)}' for k, v in self.variant)}]"
 
     @property
+    def base_to_new(self) -> bool:
+        """Runs of the base-to-new protocol: reported as base / new / H, not as one accuracy."""
+        return any(all(isinstance(c.metrics.get(m), (int, float)) for m in B2N[:2]) for c in self.cells.values())
+
+    @property
     def leaky(self) -> bool:
         return any(c.metrics.get("protocol", {}).get("leaky") for c in self.cells.values())
 
@@ -173,12 +178,15 @@ def group_series(cells: list[Cell]) -> list[Series]:
         keys = sorted({k for cell in pair_cells for k in cell.settings})
         variant_keys = [k for k in keys
                         if any(len({c.settings.get(k) for c in group}) > 1 for group in groups.values())]
+        # a series is named by its values that differ from the most common one (the main series keeps its name)
+        common = {k: Counter(c.settings.get(k, "null") for c in pair_cells).most_common(1)[0][0] for k in variant_keys}
         by_variant: dict[tuple, Series] = {}
         for cell in pair_cells:
-            variant = tuple((k, cell.settings.get(k, "null")) for k in variant_keys)
-            one = by_variant.setdefault(variant, Series(method, backbone, variant))
+            values = tuple((k, cell.settings.get(k, "null")) for k in variant_keys)
+            shown = tuple((k, v) for k, v in values if v != common[k])
+            one = by_variant.setdefault(values, Series(method, backbone, shown))
             one.cells[(cell.dataset, cell.shots, cell.seed)] = cell
-        series.extend(by_variant[v] for v in sorted(by_variant))
+        series.extend(sorted(by_variant.values(), key=lambda one: one.variant))
     return series
 
 
@@ -297,7 +305,8 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
     out = ["# Results", "",
            f"From {', '.join(str(s) for s in sources)}. Cells: mean ± sample std over seeds {seeds}; (n/{len(grid.seeds)}):"
            f" seeds present; –: no run; [x]: published (specs/protocol.md). Average: over the "
-           f"{len(grid.average_over)} {'benchmark ' if grid.average_over == list(BENCHMARK) else ''}dataset(s), "
+           f"{len(grid.average_over)} {'benchmark ' if grid.average_over == list(BENCHMARK) else ''}"
+           f"dataset{'s' * (len(grid.average_over) > 1)}, "
            f"(k/{len(grid.average_over)}) when some are missing (not comparable with a published average). "
            "`missing`: runs of the row's grid (shots x seeds) with no result.", ""]
     acc_rows: list[list] = []
@@ -305,8 +314,8 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
     summary: dict = {}
     for one in series:
         headline, notes = protocol_notes(one, grid)
-        has_acc = any(isinstance(c.metrics.get("test/acc"), (int, float)) for c in one.cells.values())
-        has_b2n = any(all(isinstance(c.metrics.get(m), (int, float)) for m in B2N[:2]) for c in one.cells.values())
+        has_b2n = one.base_to_new
+        has_acc = not has_b2n and any(isinstance(c.metrics.get("test/acc"), (int, float)) for c in one.cells.values())
         out += [f"## {one.name} · {one.backbone}" + (" · LEAKY (not the honest protocol)" if one.leaky else ""), "",
                 f"protocol: {headline}" if headline else "protocol: (not recorded)", ""]
         if has_acc:
@@ -327,14 +336,15 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
             out += [_markdown_table(header, rows), ""]
         if has_b2n:
             published = PUBLISHED_BASE_TO_NEW.get((one.method, one.backbone))
-            header = ["dataset", *(f"{k}-shot {m}" for k in grid.shots for m in ("base", "new", "H"))]
+            shots = [k for k in grid.shots if any(one.values(B2N[0], d, k) for d in grid.datasets)]
+            header = ["dataset", *(f"{k}-shot {m}" for k in shots for m in ("base", "new", "H"))]
             rows = []
             for dataset in [*grid.datasets, None]:
-                triples = [base_to_new_stats(one, grid, dataset, k) for k in grid.shots]
+                triples = [base_to_new_stats(one, grid, dataset, k) for k in shots]
                 label = dataset or f"**average ({len(grid.average_over)})**"
                 rows.append([label, *(s.text() for triple in triples for s in triple)])
                 b2n_rows += [[one.method, one.backbone, one.name, dataset or AVERAGE, k, *(s.mean for s in triple)]
-                             for k, triple in zip(grid.shots, triples)]
+                             for k, triple in zip(shots, triples)]
             out += ["base-to-new (H of the mean base and new accuracy):", "", _markdown_table(header, rows), ""]
             if published:
                 out += [f"published (ViT-B/16, 16 shots, average): base {published[0]}, new {published[1]}, "
@@ -375,15 +385,17 @@ def _panels(count: int):
     return plt, figure, list(axes.flat[:count])
 
 
-def _save(plt, figure, path: Path) -> None:
-    figure.tight_layout()
+def _save(plt, figure, path: Path, bottom_in: float = 0.5) -> None:
+    height = figure.get_figheight()  # margins in inches, so one row and three rows both fit (tight_layout is slow)
+    figure.subplots_adjust(left=0.07, right=0.98, top=1 - 0.55 / height, bottom=bottom_in / height, hspace=0.55,
+                           wspace=0.28)
     _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
 
 def plot_accuracy_vs_shots(series: list[Series], grid: Grid, backbone: str, path: Path) -> None:
     """One panel per dataset plus the average; one line per series (mean ± std over seeds); x: published."""
-    lines = [s for s in series if s.backbone == backbone]
+    lines = [s for s in series if s.backbone == backbone and not s.base_to_new]
     datasets = [d for d in grid.datasets if any(s.values("test/acc", d, k) for s in lines for k in grid.shots)]
     plt, figure, axes = _panels(len(datasets) + 1)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -413,7 +425,7 @@ def plot_accuracy_vs_shots(series: list[Series], grid: Grid, backbone: str, path
 
 def plot_base_to_new(series: list[Series], grid: Grid, backbone: str, shots: int, path: Path) -> None:
     """One panel per dataset plus the average; per series three bars: base, new, H."""
-    bars = [s for s in series if s.backbone == backbone]
+    bars = [s for s in series if s.backbone == backbone and s.base_to_new]
     datasets = [d for d in grid.datasets if any(s.values(B2N[0], d, shots) for s in bars)]
     plt, figure, axes = _panels(len(datasets) + 1)
     width = 0.8 / 3
@@ -428,13 +440,13 @@ def plot_base_to_new(series: list[Series], grid: Grid, backbone: str, shots: int
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy (%)", fontsize=8)
-    axes[-1].legend(fontsize=7)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=3, fontsize=7)
     figure.suptitle(f"base-to-new · {backbone} · {shots} shots", fontsize=10)
-    _save(plt, figure, path)
+    _save(plt, figure, path, bottom_in=0.8)
 
 
 def write_report(folders: list[Path], out: Path, shots: list[int] | None = None, seeds: list[int] | None = None,
-                 wandb_cfg=None) -> dict[str, Path]:
+                 wandb_cfg=None, plots: bool = True) -> dict[str, Path]:
     """Build everything from the sweep folders into `out`; returns the files written by name."""
     cells = load_cells(folders)
     if not cells:
@@ -450,14 +462,14 @@ def write_report(folders: list[Path], out: Path, shots: list[int] | None = None,
     if b2n_rows:
         files["base_to_new.csv"] = out / "base_to_new.csv"
         _write_csv(files["base_to_new.csv"], B2N_COLUMNS, b2n_rows)
-    for backbone in sorted({s.backbone for s in series}):
+    for backbone in sorted({s.backbone for s in series}) if plots else []:
         mine = [s for s in series if s.backbone == backbone]
-        if acc_rows and any(s.values("test/acc", d, k) for s in mine for d in grid.datasets for k in grid.shots):
+        if any(s.values("test/acc", d, k) for s in mine if not s.base_to_new for d in grid.datasets for k in grid.shots):
             name = f"accuracy_vs_shots_{backbone}.png"
             files[name] = out / name
             plot_accuracy_vs_shots(mine, grid, backbone, files[name])
         for k in grid.shots:
-            if any(s.values(B2N[0], d, k) for s in mine for d in grid.datasets):
+            if any(s.values(B2N[0], d, k) for s in mine if s.base_to_new for d in grid.datasets):
                 name = f"base_to_new_{backbone}_{k}shot.png"
                 files[name] = out / name
                 plot_base_to_new(mine, grid, backbone, k, files[name])
@@ -486,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write (default: <first sweep folder>/report)")
     parser.add_argument("--shots", type=_ints, help="shots columns (default: every K found)")
     parser.add_argument("--seeds", type=_ints, help="seeds expected in each cell (default: every seed found)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     parser.add_argument("--wandb-project", default="clipadapt")
     parser.add_argument("--wandb-entity", default=None)
@@ -497,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     wandb_cfg = None if args.no_wandb else SimpleNamespace(project=args.wandb_project, entity=args.wandb_entity,
                                                            mode=args.wandb_mode)
     try:
-        files = write_report(args.sweeps, args.out or args.sweeps[0] / "report", args.shots, args.seeds, wandb_cfg)
+        files = write_report(args.sweeps, args.out or args.sweeps[0] / "report", args.shots, args.seeds, wandb_cfg,
+                             plots=not args.no_plots)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
