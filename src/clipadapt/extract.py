@@ -20,6 +20,9 @@ def extract(cfg: DictConfig) -> dict:
     method_class = METHODS[method_config(cfg.method).name]
     data = image_task_data(cfg, method_class.needs_dense, resolve_device(cfg.device),
                            augmented=method_class.uses_augmented_views)
+    from clipadapt.protocols import setup
+
+    setup(cfg, data)  # transfer protocols: the targets' test features too
     sizes = {"train": len(data.train), "val": 0 if data.val is None else len(data.val), "test": len(data.test)}
     log.info("features cached under %s: %s", cfg.paths.cache_dir, sizes)
     return sizes

@@ -70,8 +70,8 @@ def draw(train: list[Item], val: list[Item], num_classes: int, cfg: DictConfig) 
         drawn, source = draw_few_shot(train, val, cfg.shots, cfg.seed), "drawn"
     if task == "base_to_new":
         base = base_class_count(num_classes)
-        train, val = ([i for i in items if i.label < base] for items in (drawn.train, drawn.val))
-        drawn = Draw(train, val, drawn.shots, drawn.seed)
+        base_train, base_val = ([i for i in items if i.label < base] for items in (drawn.train, drawn.val))
+        drawn = Draw(base_train, base_val, drawn.shots, drawn.seed)
     return drawn, source
 
 
@@ -92,7 +92,9 @@ def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed
         by_path = {item.path: item for item in pool}
         items = []
         for entry in lists[split]:
-            relative = entry if isinstance(entry, str) else entry[0]
+            relative = entry if isinstance(entry, str) else entry[0] if isinstance(entry, list) and len(entry) == 3 else None
+            if relative is None:
+                raise DatasetError(f"draw file {path}: {split} entries must be paths or [path, label, name], got {entry!r}")
             item = by_path.get(relative)
             if item is None:
                 raise DatasetError(f"draw file {path}: {split} image {relative!r} is not in the dataset's {split} list")
