@@ -44,8 +44,8 @@ bench: install ## speed figures (scripts/bench.py)
 data: install ## download and prepare datasets: make data DATASETS='eurosat dtd'
 	$(PY) -m clipadapt.prepare $(or $(DATASETS),eurosat)
 
-report: install ## tables and plots of sweep folders: make report SWEEPS='outputs/multirun/...'
-	$(PY) -m clipadapt.report $(or $(SWEEPS),outputs/multirun)
+report: install ## tables and plots of sweep folders (default: the grid's outputs/grid): make report SWEEPS='dir1 dir2'
+	$(PY) -m clipadapt.report $(or $(SWEEPS),outputs/grid)
 
 sweep: install ## the 11-dataset x shots x seeds grid for METHOD (default tip_adapter_f)
 	$(PY) -m clipadapt.train -m +sweep=grid method=$(or $(METHOD),tip_adapter_f) $(ARGS)
