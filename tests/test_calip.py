@@ -142,7 +142,8 @@ def test_per_dataset_betas_compose_and_yield_to_overrides(tiny_config):
 
 def test_test_set_search_is_the_named_leaky_mode(tiny_config, tmp_path):
     assert tiny_config("method=calip").protocol.selection == "last"  # the search sees val unless asked
-    leaky = run(tiny_config("method=calip", "backbone=tiny_rn", "shots=1", "protocol.selection=test"), tmp_path / "leaky")
+    cfg = tiny_config("method=calip", "backbone=tiny_rn", "shots=1", "protocol.selection=test")
+    leaky = run(cfg, tmp_path / "leaky")
     assert leaky["protocol"]["leaky"] is True and leaky["protocol"]["selection"] == "test"
     assert 100 * leaky["chosen"]["val_acc"] == pytest.approx(leaky["test/acc"])  # the search saw the test set
 

@@ -88,7 +88,8 @@ def test_invariant_to_the_order_of_the_dense_tokens():
     task, _ = random_task(num_classes=6, dim=32)
     vt = build(task, layers=2, include_global=True)
     batch = random_batch(4, 11, 32)
-    shuffled = Batch(image=batch.image, dense=batch.dense[:, torch.randperm(11, generator=torch.Generator().manual_seed(1))])
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(1))
+    shuffled = Batch(image=batch.image, dense=batch.dense[:, order])
     torch.testing.assert_close(vt(shuffled), vt(batch))
 
 

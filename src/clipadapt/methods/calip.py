@@ -40,6 +40,7 @@ from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, Tra
 POOLS = ("mean+max", "mean", "max")
 BETA_SOURCES = ("search", "paper")
 PROJ_TYPES = ("linear_identity", "mlp_bottleneck128")
+CHUNK_FLOATS = 1 << 24  # 64 MB of float32: the default bound on each per-chunk tensor (memory on big test sets)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CalipSchema(MethodSchema):
     attn_scale_visual: float = 2.0  # tau of the softmax over classes (text-blended locations)
     pool: str = "mean+max"  # mean+max (official: the two summed) | mean | max
     renorm: bool = False  # re-normalise T~ and v before the logits (SuS-X's variant; not the official code)
-    chunk_size: int = 256  # images per chunk of the attention terms (bounds memory at B * M * max(K, D) floats)
+    chunk_size: int = 0  # images per chunk of the attention; 0: each [chunk, M, max(K, D)] tensor under 2^24 floats
     search: CalipSearchSchema = field(default_factory=CalipSearchSchema)
 
 
@@ -90,8 +91,8 @@ class Calip(Method):
         super().__init__(cfg, task)
         _check("pool", cfg.pool, POOLS)
         _check("beta_source", cfg.beta_source, BETA_SOURCES)
-        if cfg.chunk_size < 1 or cfg.search.steps < 1:
-            raise ValueError(f"method.chunk_size and method.search.steps must be >= 1, got {cfg.chunk_size}, "
+        if cfg.chunk_size < 0 or cfg.search.steps < 1:
+            raise ValueError(f"method.chunk_size must be >= 0 and method.search.steps >= 1, got {cfg.chunk_size}, "
                              f"{cfg.search.steps}")
         self.beta2, self.beta3 = float(cfg.beta2), float(cfg.beta3)
 
@@ -131,7 +132,8 @@ class Calip(Method):
         """The three logit terms [B, K]: zero-shot logits, f.T~ and v.T; the attention in chunks of images."""
         if batch.dense is None:
             raise ValueError(f"{self.cfg.name} needs dense features: the batch has none")
-        size = self.cfg.chunk_size
+        tokens, classes = batch.dense.shape[1], self.text.shape[0]
+        size = self.cfg.chunk_size or max(1, CHUNK_FLOATS // (tokens * max(classes, batch.dense.shape[2])))
         chunks = [self.attention_terms(batch.image[i : i + size], batch.dense[i : i + size])
                   for i in range(0, len(batch.image), size)]
         guided, blended = (torch.cat(parts) for parts in zip(*chunks))
@@ -172,7 +174,7 @@ class Calip(Method):
         betas2 = torch.linspace(0, grid.beta2_max, grid.steps).tolist()
         betas3 = torch.linspace(0, grid.beta3_max, grid.steps).tolist()
         weights3 = torch.tensor([LOGIT_SCALE * b for b in betas3], device=device)[:, None, None]
-        per_chunk = max(1, (1 << 24) // zero_shot.numel())  # bounds the [chunk, N, K] logits
+        per_chunk = max(1, CHUNK_FLOATS // zero_shot.numel())  # bounds the [chunk, N, K] logits
         accuracy = torch.empty(len(betas2), len(betas3))
         for i, beta2 in enumerate(betas2):
             for j in range(0, len(betas3), per_chunk):

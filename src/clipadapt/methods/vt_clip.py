@@ -28,6 +28,7 @@ from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, Tra
 
 RESIDUAL_MODES = ("convex", "additive")
 NORMS = ("post", "pre")
+CHUNK_FLOATS = 1 << 24  # 64 MB of float32: the default bound on the largest per-chunk activation (memory at eval)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class VTClipSchema(MethodSchema):
     norm: str = "post"  # post (the original Transformer's Add & Norm) | pre
     include_global: bool = False  # the global feature as one more key/value token
     zs_logit_weight: float = 0.0  # lambda: adds lambda * 100 <g, t_k> to the logits
-    chunk_size: int = 32  # images per forward chunk (memory: chunk * K * D * (2 + ffn_ratio) floats)
+    chunk_size: int = 0  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
     search: VTClipSearchSchema = field(default_factory=VTClipSearchSchema)
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
         epochs=50, batch_size=64, optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine",
@@ -75,7 +76,7 @@ class VisualGuidedAttention(nn.Module):
 
 
 class VisualGuidedBlock(nn.Module):
-    """A Transformer decoder layer without self-attention: cross-attention, then a feed-forward, each with Add & Norm."""
+    """A Transformer decoder layer without self-attention: cross-attention, then a feed-forward, each Add & Norm."""
 
     def __init__(self, dim: int, heads: int, ffn_ratio: int, dropout: float, norm: str):
         super().__init__()
@@ -104,8 +105,9 @@ class VTClip(Method):
         for name, allowed in (("residual_mode", RESIDUAL_MODES), ("norm", NORMS)):
             if cfg[name] not in allowed:
                 raise ValueError(f"method.{name}={cfg[name]!r} is not an option: use one of {list(allowed)}")
-        if cfg.layers < 1 or cfg.chunk_size < 1:
-            raise ValueError(f"method.layers and method.chunk_size must be >= 1, got {cfg.layers}, {cfg.chunk_size}")
+        if cfg.layers < 1 or cfg.chunk_size < 0:
+            raise ValueError(f"method.layers must be >= 1 and method.chunk_size >= 0: got {cfg.layers}, "
+                             f"{cfg.chunk_size}")
         dim = task.text.shape[1]
         self.blocks = nn.ModuleList(VisualGuidedBlock(dim, cfg.heads, cfg.ffn_ratio, cfg.dropout, cfg.norm)
                                     for _ in range(cfg.layers))
@@ -124,7 +126,9 @@ class VTClip(Method):
         """[B, K] each: zero-shot logits 100 <g, t_k>, 100 <g, s^_k> and <t_k, s^_k>; chunked over images."""
         if batch.dense is None:
             raise ValueError("vt_clip needs dense features: the batch has none")
-        size, parts = self.cfg.chunk_size, []
+        classes, dim = self.text.shape
+        size = self.cfg.chunk_size or max(1, CHUNK_FLOATS // (classes * dim * max(1, self.cfg.ffn_ratio)))
+        parts = []
         for start in range(0, len(batch.image), size):
             image = batch.image[start : start + size]
             guided = self.guided_texts(image, batch.dense[start : start + size])
