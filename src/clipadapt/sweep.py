@@ -107,13 +107,18 @@ def _set_aside_previous(output_dir: Path, digest: str) -> None:
 
 
 def run_cell(cfg: DictConfig, output_dir: Path, job: Callable[[], dict | None], skip_done: bool = True) -> dict | None:
-    """Run one cell through `job` (which returns its metrics, or None when it failed and recorded error.json).
+    """Run one cell through `job`, which returns its metrics (None or an exception: it failed).
 
-    Skipped when `skip_done` and the cell is done; left alone when another process holds the cell's lock.
+    Skipped when `skip_done` and the cell is done; left alone (None) when another process holds the cell's lock.
+    The status is recorded in status.json; an exception of the job is re-raised for the caller to record.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    digest = config_hash(cfg)
+    try:
+        digest = config_hash(cfg)
+    except Exception:  # e.g. a mandatory value left unset: the cell fails, it is recorded like any failure
+        write_status(output_dir, "failed", "unresolved")
+        raise
     name = cfg.get("run_name", str(output_dir))
     lock = FileLock(str(output_dir / ".cell.lock"), timeout=0)
     try:
@@ -122,6 +127,9 @@ def run_cell(cfg: DictConfig, output_dir: Path, job: Callable[[], dict | None], 
         log.warning("%s: another process is running this cell (%s is locked): leaving it to that one",
                     name, lock.lock_file)
         return None
+    except NotImplementedError as error:  # a filesystem without flock (some Lustre mounts): no exclusion there
+        log.warning("%s: cannot lock %s (%s): running it without the cell lock", name, lock.lock_file, error)
+        lock = None
     try:
         if skip_done and (done := is_done(cfg, output_dir)) is not None:
             log.info("%s: skipped, already done (metrics.json of the same config %s)", name, digest)
@@ -135,7 +143,8 @@ def run_cell(cfg: DictConfig, output_dir: Path, job: Callable[[], dict | None], 
             write_status(output_dir, "failed" if metrics is None else "done", digest, started=started)
         return metrics
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> dict[str, list[Path]]:

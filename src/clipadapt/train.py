@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> float | None:
 
     cfg, out = fit_to_launcher(cfg), output_dir()
     # In a multirun a cell already done for this exact config is skipped, so re-running a sweep resumes it.
-    metrics = run_cell(cfg, out, lambda: guarded(lambda: run(cfg, out)), skip_done=in_multirun() and cfg.sweep.skip_done)
+    metrics = guarded(lambda: run_cell(cfg, out, lambda: run(cfg, out), skip_done=in_multirun() and cfg.sweep.skip_done))
     return None if metrics is None else metrics["test/acc"]
 
 
