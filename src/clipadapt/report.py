@@ -32,7 +32,7 @@ import numpy as np
 
 from clipadapt.sweep import read_json, result_config
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipadapt.report")  # also when run as __main__
 
 BENCHMARK = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
              "sun397", "dtd", "eurosat", "ucf101")
@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-entity", default=None)
     parser.add_argument("--wandb-mode", default=None, help="online | offline | disabled (default: offline without an API key)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clipadapt").setLevel(logging.INFO)
     from types import SimpleNamespace
 
     wandb_cfg = None if args.no_wandb else SimpleNamespace(project=args.wandb_project, entity=args.wandb_entity,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
 
@@ -52,6 +53,6 @@ def log_report(project: str, entity: str | None, mode: str | None, name: str, co
         run.log({
             **{key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()},
             **{key: wandb.Image(str(path)) for key, path in images.items()},
-            "report": wandb.Html(f"<pre>{markdown}</pre>"),
+            "report": wandb.Html(f"<pre>{html.escape(markdown)}</pre>"),
         })
         run.summary.update(summary)
