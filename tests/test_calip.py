@@ -125,6 +125,14 @@ def test_without_a_val_draw_the_configured_betas_stay():
     assert (chosen["beta2"], chosen["beta3"]) == (0.4, 0.03) and "skipped" in chosen["search"]
 
 
+@pytest.mark.parametrize("name", ["calip", "vt_clip"])
+def test_a_search_without_dense_val_features_says_what_is_missing(name):
+    task, _ = random_task(tokens=6)
+    task.val.dense = None  # e.g. a features file with val_features but no val_dense
+    with pytest.raises(ValueError, match="needs dense features of the val draw"):
+        build(name, task).tune(task.val)
+
+
 @pytest.mark.parametrize("option", [{"pool": "avg"}, {"beta_source": "search_val"}, {"proj_type": "mlp"}])
 def test_bad_options_fail_in_one_line(option):
     task, _ = random_task(tokens=6)

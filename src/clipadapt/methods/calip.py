@@ -5,7 +5,7 @@ Zero-shot CALIP, as published (the official code, ZiyuGuo99/CALIP@83e21b6; the r
 - features: f the global image embedding, S [M, D] the dense tokens in the joint space (`backbone.dense=attention`:
   the ResNet attention pool evaluated with every location as a query; ViT: ln_post + proj on every token), T [K, D]
   the class texts; every row L2-normalised;
-- affinity A = tau * S T^T with tau = 2 *multiplied* (the paper writes a division; the β table needs the code's);
+- affinity A = tau * S T^T with tau = 2 *multiplied* (the paper writes a division; the beta table needs the code's);
   visual-guided texts T~ = softmax_M(A)^T S, text-blended locations S~ = softmax_K(A) T, v = mean_M(S~) + max_M(S~),
   no re-normalisation;
 - logits = 100 * (f.T + beta2 * f.T~ + beta3 * v.T), beta1 = 1 fixed.
@@ -74,6 +74,19 @@ class CalipFSSchema(CalipSchema):
     # The unofficial reimplementation's recipe ("stick to paper"): CoOp's SGD schedule, 200 epochs, batch 32.
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
         epochs=200, batch_size=32, optimizer="sgd", lr=2e-3, schedule="cosine", warmup_epochs=1, warmup_lr=1e-5))
+
+
+def terms_over(method: Method, features: FeatureSet, batch_size: int = 1024) -> list[torch.Tensor]:
+    """`method.terms` over view 0 of a (val) feature set with dense features, each term concatenated: for searches."""
+    from clipadapt.engine import to_batch
+
+    if features.dense is None:
+        raise ValueError(f"{method.cfg.name}'s search needs dense features of the val draw, and these have none "
+                         f"(a features file needs val_dense)")
+    method.eval()
+    parts = [method.terms(to_batch(features.image[i : i + batch_size, 0], features.dense[i : i + batch_size, 0],
+                                   method.text.device)) for i in range(0, len(features), batch_size)]
+    return [torch.cat(part) for part in zip(*parts)]
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -162,13 +175,8 @@ class Calip(Method):
 
     def search_betas(self, val: FeatureSet) -> dict:
         """Grid search of (beta2, beta3) by accuracy; ties go to the smallest betas (the closest to zero-shot CLIP)."""
-        from clipadapt.engine import to_batch
-
-        self.eval()
         device = self.text.device
-        parts = [self.terms(to_batch(val.image[i : i + 1024, 0], val.dense[i : i + 1024, 0], device))
-                 for i in range(0, len(val), 1024)]
-        zero_shot, guided, blended = (torch.cat(p) for p in zip(*parts))
+        zero_shot, guided, blended = terms_over(self, val)
         labels = torch.as_tensor(val.labels, device=device)
         grid = self.cfg.search
         betas2 = torch.linspace(0, grid.beta2_max, grid.steps).tolist()

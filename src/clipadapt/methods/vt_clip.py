@@ -25,6 +25,7 @@ from torch import nn
 
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.methods.calip import terms_over
 
 RESIDUAL_MODES = ("convex", "additive")
 NORMS = ("post", "pre")
@@ -153,12 +154,7 @@ class VTClip(Method):
         alpha = float(self.alpha)
         if not self.cfg.search.enabled or self.cfg.alpha_learnable or val is None or len(val) == 0:
             return {"alpha": alpha}
-        from clipadapt.engine import to_batch
-
-        self.eval()
-        parts = [self.terms(to_batch(val.image[i : i + 1024, 0], val.dense[i : i + 1024, 0], self.text.device))
-                 for i in range(0, len(val), 1024)]
-        terms = [torch.cat(p) for p in zip(*parts)]
+        terms = terms_over(self, val)
         labels = torch.as_tensor(val.labels, device=self.text.device)
         candidates = list(dict.fromkeys([alpha, *self.cfg.search.alphas]))  # the trained alpha first: it wins ties
         scores = [float((self.combine(*terms, a).argmax(-1) == labels).float().mean()) for a in candidates]
