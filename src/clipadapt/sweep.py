@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock, Timeout
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def run_cell(cfg: DictConfig, output_dir: Path, job: Callable[[], dict | None], 
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         digest = config_hash(cfg)
-    except Exception:  # e.g. a mandatory value left unset: the cell fails, it is recorded like any failure
+    except Exception:  # e.g. an interpolation that does not resolve: the cell fails, recorded like any failure
         write_status(output_dir, "failed", "unresolved")
         raise
     name = cfg.get("run_name", str(output_dir))
@@ -155,12 +156,6 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> dict[str, list[Path]]:
         if status and status.get("finished", 0) >= since and status.get("status") in outcomes:
             outcomes[status["status"]].append(path.parent)
     return outcomes
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    Callback = object
 
 
 class SweepSummary(Callback):
