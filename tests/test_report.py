@@ -136,7 +136,8 @@ def test_report_base_to_new(sweep, tmp_path):
 def test_plots_and_the_wandb_report_run(sweep, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr("clipadapt.wandb_logger.log_report", lambda *args: seen.update(args=args))
-    files = write_report([sweep / "grid"], tmp_path / "report", wandb_cfg=SimpleNamespace(project="p", entity=None, mode=None))
+    wandb_cfg = SimpleNamespace(project="p", entity=None, mode=None)
+    files = write_report([sweep / "grid"], tmp_path / "report", wandb_cfg=wandb_cfg)
     pngs = sorted(name for name in files if name.endswith(".png"))
     assert pngs == ["accuracy_vs_shots_rn50.png", "base_to_new_vit_b16_16shot.png"]  # vit_b16: base-to-new only
     for name in pngs:
@@ -158,7 +159,8 @@ def test_plots_and_the_wandb_report_run(sweep, tmp_path, monkeypatch):
 
 def test_the_same_run_in_two_sweeps_counts_once(sweep, tmp_path):
     copy = tmp_path / "copy"
-    newer = write_cell(copy, "tip_adapter_f", "rn50", "eurosat", 16, 1, acc=accuracy("tip_adapter_f", "eurosat", 16, 1) + 1)
+    newer = write_cell(copy, "tip_adapter_f", "rn50", "eurosat", 16, 1,
+                       acc=accuracy("tip_adapter_f", "eurosat", 16, 1) + 1)
     later = (newer / "metrics.json").stat().st_mtime + 60
     os.utime(newer / "metrics.json", (later, later))
     files = write_report([sweep / "grid", copy], tmp_path / "report", plots=False)
@@ -169,7 +171,8 @@ def test_the_same_run_in_two_sweeps_counts_once(sweep, tmp_path):
 
 
 def test_cli(sweep, tmp_path, capsys):
-    assert main([str(sweep / "grid"), "--out", str(tmp_path / "r"), "--no-wandb", "--no-plots", "--seeds", "1,2,3,4"]) == 0
+    out = ["--out", str(tmp_path / "r")]
+    assert main([str(sweep / "grid"), *out, "--no-wandb", "--no-plots", "--seeds", "1,2,3,4"]) == 0
     assert (tmp_path / "r" / "report.md").is_file() and "results.csv" in capsys.readouterr().out
     assert "(3/4)" in (tmp_path / "r" / "report.md").read_text()  # seed 4 expected, never run
     assert main([str(tmp_path / "nowhere"), "--no-wandb"]) == 2

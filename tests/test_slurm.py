@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -132,10 +133,26 @@ PartitionName={self.partition} Nodes={host} Default=YES MaxTime=INFINITE State=U
                 raise RuntimeError(f"{what} (exited: {dead or 'none'})\n{logs}")
             time.sleep(0.1)
 
+    def job_steps(self) -> list[int]:
+        """PIDs of the slurmstepd processes of this cluster (slurmd starts them detached; they carry our SLURM_CONF)."""
+        mine = f"SLURM_CONF={self.env['SLURM_CONF']}".encode()
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"slurmstepd"):
+                    if mine in (proc / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(proc.name))
+            except OSError:  # gone meanwhile
+                continue
+        return pids
+
     def stop(self) -> None:
-        """Cancel this cluster's jobs, then stop the daemons this object started (newest first)."""
-        if any(p.poll() is None for p in self.processes[1:]):
+        """Cancel this cluster's jobs and let their steps end, then stop the daemons this object started."""
+        if all(p.poll() is None for p in self.processes):
             subprocess.run(["scancel", "--full", f"--partition={self.partition}"], env=self.env, capture_output=True)
+            deadline = time.monotonic() + 20  # a step still reporting to slurmd would outlive it
+            while self.job_steps() and time.monotonic() < deadline:
+                time.sleep(0.2)
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
@@ -144,6 +161,8 @@ PartitionName={self.partition} Nodes={host} Default=YES MaxTime=INFINITE State=U
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        for pid in self.job_steps():  # only if a step hung: ours, found by our SLURM_CONF
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

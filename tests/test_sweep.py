@@ -224,7 +224,8 @@ def test_resume_after_a_kill_with_two_sweeps_sharing_the_cells(session_root, tmp
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # killed part-way: only this process group, which the test started
         first.wait()
-    finished = {key: (f / "metrics.json").stat().st_mtime_ns for key, f in cells.items() if (f / "metrics.json").exists()}
+    finished = {key: (f / "metrics.json").stat().st_mtime_ns for key, f in cells.items()
+                if (f / "metrics.json").exists()}
     assert 0 < len(finished) < len(cells)
 
     # resume with two sweeps at once over the same cells: each missing cell runs exactly once, nothing is corrupted

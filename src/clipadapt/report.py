@@ -153,8 +153,8 @@ def load_cells(folders: list[Path]) -> list[Cell]:
             config = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
             settings = {**_flatten(result_config(config)), **_flatten({"protocol": metrics.get("protocol", {})})}
             settings = {k: v for k, v in settings.items() if k not in PER_SEED and k}
-            cell = Cell(str(metrics["method"]), str(metrics["backbone"]), str(metrics["dataset"]), int(metrics["shots"]),
-                        int(metrics["seed"]), metrics, settings, path, path.stat().st_mtime)
+            cell = Cell(str(metrics["method"]), str(metrics["backbone"]), str(metrics["dataset"]),
+                        int(metrics["shots"]), int(metrics["seed"]), metrics, settings, path, path.stat().st_mtime)
             key = (cell.method, cell.backbone, cell.dataset, cell.shots, cell.seed, tuple(sorted(settings.items())))
             previous = cells.get(key)
             if previous is not None:  # the same run twice (two sweep folders): the newer counts, never both
@@ -235,11 +235,16 @@ def _stat(values: list[float], of: int, published: float | None = None) -> Stat:
     return Stat(float(np.mean(values)), std, len(values), of, published)
 
 
+def _published(series: Series, dataset: str, shots: int, metric: str) -> float | None:
+    if metric != "test/acc":
+        return None
+    return PUBLISHED.get((series.method, series.backbone), {}).get(dataset, {}).get(shots)
+
+
 def dataset_stat(series: Series, grid: Grid, metric: str, dataset: str, shots: int) -> Stat:
     per_seed = series.values(metric, dataset, shots)
     values = [per_seed[s] for s in grid.seeds if s in per_seed]
-    published = PUBLISHED.get((series.method, series.backbone), {}).get(dataset, {}).get(shots) if metric == "test/acc" else None
-    return _stat(values, len(grid.seeds), published)
+    return _stat(values, len(grid.seeds), _published(series, dataset, shots, metric))
 
 
 def average_stat(series: Series, grid: Grid, metric: str, shots: int) -> Stat:
@@ -250,10 +255,11 @@ def average_stat(series: Series, grid: Grid, metric: str, shots: int) -> Stat:
              if any(s in v for s in grid.seeds)]
     complete_seeds = [s for s in grid.seeds if all(s in v for v in per_dataset.values())]
     per_seed_average = [float(np.mean([v[s] for v in per_dataset.values()])) for s in complete_seeds]
-    published = PUBLISHED.get((series.method, series.backbone), {}).get(AVERAGE, {}).get(shots) if metric == "test/acc" else None
+    published = _published(series, AVERAGE, shots, metric)
     if not means:
         return Stat(None, None, 0, len(grid.average_over), published)
-    std = float(np.std(per_seed_average, ddof=1)) if len(means) == len(grid.average_over) and len(per_seed_average) > 1 else None
+    complete = len(means) == len(grid.average_over) and len(per_seed_average) > 1
+    std = float(np.std(per_seed_average, ddof=1)) if complete else None
     return Stat(float(np.mean(means)), std, len(means), len(grid.average_over), published)
 
 
@@ -274,7 +280,8 @@ def protocol_notes(series: Series, grid: Grid) -> tuple[str, list[str]]:
             headline.append(f"{key.split('.', 1)[1]}={shown}")
     notes = []
     for key in sorted(values):
-        if len(values[key]) > 1 and not key.startswith("dataset.") and key not in ("protocol.templates", "protocol.split_hash"):
+        per_dataset_by_design = key.startswith("dataset.") or key in ("protocol.templates", "protocol.split_hash")
+        if len(values[key]) > 1 and not per_dataset_by_design:
             spread = "; ".join(f"{_short(v)} ({', '.join(sorted(ds))})" for v, ds in sorted(values[key].items()))
             notes.append(f"`{key}` differs between datasets: {spread}")
     return " · ".join(headline), notes
@@ -286,7 +293,9 @@ def base_to_new_stats(series: Series, grid: Grid, dataset: str | None, shots: in
         base, new = (average_stat(series, grid, m, shots) for m in B2N[:2])
     else:
         base, new = (dataset_stat(series, grid, m, dataset, shots) for m in B2N[:2])
-    h = None if base.mean is None or new.mean is None or base.mean + new.mean == 0 else 2 * base.mean * new.mean / (base.mean + new.mean)
+    h = None
+    if base.mean is not None and new.mean is not None and base.mean + new.mean > 0:
+        h = 2 * base.mean * new.mean / (base.mean + new.mean)
     return base, new, Stat(h, None, min(base.n, new.n), base.of)
 
 
@@ -303,8 +312,8 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
     """Markdown text, the CSV rows of the accuracy tables and of base-to-new, and headline numbers for W&B."""
     seeds = ",".join(map(str, grid.seeds))
     out = ["# Results", "",
-           f"From {', '.join(str(s) for s in sources)}. Cells: mean ± sample std over seeds {seeds}; (n/{len(grid.seeds)}):"
-           f" seeds present; –: no run; [x]: published (specs/protocol.md). Average: over the "
+           f"From {', '.join(str(s) for s in sources)}. Cells: mean ± sample std over seeds {seeds}; "
+           f"(n/{len(grid.seeds)}): seeds present; –: no run; [x]: published (specs/protocol.md). Average: over the "
            f"{len(grid.average_over)} {'benchmark ' if grid.average_over == list(BENCHMARK) else ''}"
            f"dataset{'s' * (len(grid.average_over) > 1)}, "
            f"(k/{len(grid.average_over)}) when some are missing (not comparable with a published average). "
@@ -325,11 +334,11 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
                 stats = [dataset_stat(one, grid, "test/acc", dataset, k) for k in grid.shots]
                 missing = missing_runs(one, grid, "test/acc", dataset)
                 rows.append([dataset, *(s.text() for s in stats), f"{missing}/{len(grid.shots) * len(grid.seeds)}"])
-                acc_rows += [[one.method, one.backbone, one.name, dataset, k, s.mean, s.std, s.n, len(grid.seeds), s.published]
+                acc_rows += [[one.method, one.backbone, one.name, dataset, k, s.mean, s.std, s.n, s.of, s.published]
                              for k, s in zip(grid.shots, stats)]
             averages = [average_stat(one, grid, "test/acc", k) for k in grid.shots]
             rows.append([f"**average ({len(grid.average_over)})**", *(f"**{s.text()}**" for s in averages), ""])
-            acc_rows += [[one.method, one.backbone, one.name, AVERAGE, k, s.mean, s.std, s.n, len(grid.average_over), s.published]
+            acc_rows += [[one.method, one.backbone, one.name, AVERAGE, k, s.mean, s.std, s.n, s.of, s.published]
                          for k, s in zip(grid.shots, averages)]
             summary.update({f"{one.backbone}/{one.name}/average/{k}shot": s.mean for k, s in zip(grid.shots, averages)
                             if s.mean is not None and s.n == s.of})
@@ -464,7 +473,8 @@ def write_report(folders: list[Path], out: Path, shots: list[int] | None = None,
         _write_csv(files["base_to_new.csv"], B2N_COLUMNS, b2n_rows)
     for backbone in sorted({s.backbone for s in series}) if plots else []:
         mine = [s for s in series if s.backbone == backbone]
-        if any(s.values("test/acc", d, k) for s in mine if not s.base_to_new for d in grid.datasets for k in grid.shots):
+        if any(s.values("test/acc", d, k) for s in mine if not s.base_to_new
+               for d in grid.datasets for k in grid.shots):
             name = f"accuracy_vs_shots_{backbone}.png"
             files[name] = out / name
             plot_accuracy_vs_shots(mine, grid, backbone, files[name])
@@ -502,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     parser.add_argument("--wandb-project", default="clipadapt")
     parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--wandb-mode", default=None, help="online | offline | disabled (default: offline without an API key)")
+    parser.add_argument("--wandb-mode", default=None,
+                        help="online | offline | disabled (default: offline without an API key)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("clipadapt").setLevel(logging.INFO)
