@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""`make bench`: clipadapt's speed figures, each measured beside its reference in the same run, on this machine.
+
+    python scripts/bench.py                                 # every section, the benchmark's sizes
+    python scripts/bench.py --size tiny                     # a smoke run of every section (tests/test_bench.py)
+    python scripts/bench.py --only training,overhead --json bench.json
+
+Sections (memory and extraction each in a fresh process, so that the peak resident memory is their own):
+
+  training    engine.fit on synthetic features (16 shots, 10 augmented views, 1024-d; 10, 100 and 1000 classes):
+              efficiency = the method's FLOPs (forward + backward of every step, torch.utils.flop_counter) over the
+              dense fp32 matmul rate measured in this process, divided by the wall time (1: the machine's matmul
+              limit). A case whose full fit would take longer than --budget runs fewer steps (said in the table).
+  overhead    process start to metrics.json of one small cell on cached features (python -m clipadapt.train),
+              beside `import torch` alone; and which heavy modules (open_clip, torchvision, wandb) it imported.
+  grid        cells per minute of tip_adapter_f over 11 synthetic feature sets with the benchmark datasets' class
+              counts x 5 shots x 3 seeds: the batched launcher (one process) vs one process per cell.
+  extraction  images/s of the extraction pipeline (decode + preprocess in DataLoader workers, encode, cache write)
+              over the encoder's own rate on already-decoded tensors, for a random-init CLIP on generated JPEGs.
+  memory      peak resident memory while evaluating a 50,000-image dense cache (49 x 1024 fp16 tokens each: 5 GB
+              on disk, written to a temporary folder and deleted afterwards) with zero-shot CALIP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("training", "overhead", "grid", "extraction", "memory")
+TRAINED_METHODS = ("tip_adapter_f", "clip_adapter", "calip_fs", "coop")
+# imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101
+BENCHMARK_CLASSES = (1000, 100, 37, 196, 102, 101, 100, 397, 47, 10, 101)
+HEAVY_MODULES = ("open_clip", "torchvision", "wandb")
+FLOOR_SCRIPT = "import time, torch; t = time.perf_counter(); import torch._dynamo; print(time.perf_counter() - t)"
+
+
+@dataclass(frozen=True)
+class Size:
+    classes: tuple[int, ...] = (10, 100, 1000)
+    shots: int = 16
+    views: int = 10
+    dim: int = 1024
+    tokens: int = 49  # dense tokens per image (RN50: 7 x 7)
+    text_model: str = "RN50"  # the random-init text tower CoOp trains through (its width: 1024, as `dim`)
+    budget_s: float = 60.0  # per training case
+    grid_classes: tuple[int, ...] = BENCHMARK_CLASSES
+    grid_shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    grid_seeds: tuple[int, ...] = (1, 2, 3)
+    grid_test_per_class: int = 10
+    grid_epochs: int | None = 2  # None: the method's 20 (the 1000-class cells alone then take ~45 min a mode here)
+    grid_processes: str = "seed1"  # one process per cell for: all | seed1 (the first seed's cells, x seeds)
+    overhead_repeats: int = 5
+    overhead_cell: tuple[str, ...] = ("dataset.images_per_class=40", "shots=16")  # 10 classes (synthetic's default)
+    extraction_model: str = "ViT-B-32"
+    extraction_images: int = 256
+    extraction_image_size: tuple[int, int] = (400, 300)  # a typical benchmark photo, JPEG
+    extraction_batch: int = 32
+    extraction_workers: int = 2
+    memory_images: int = 50_000
+    memory_classes: int = 100
+
+
+SIZES = {
+    "full": Size(),
+    "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=5,
+                 grid_classes=(4,), grid_shots=(2,), grid_seeds=(1, 2), grid_test_per_class=2, grid_epochs=1,
+                 grid_processes="seed1", overhead_repeats=1,
+                 overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
+                 extraction_model="clipadapt-tiny-vit",
+                 extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=1,
+                 memory_images=64, memory_classes=4),
+}
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    figure: str  # what `value` is
+    value: float | None
+    reference: str = ""  # what it is measured beside
+    target: str = ""
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def synthetic_features(classes: int, per_class: int, views: int, dim: int, seed: int = 0,
+                       text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(text [K, D], image [N, views, D] fp16, labels [N]) shaped like CLIP's: class texts close to each other
+    (cosine ~0.8, as prompt embeddings are), each image nearest its class's text, unit rows."""
+    rng = np.random.default_rng(seed)
+    if text is None:
+        text = unit(rng.standard_normal(dim) + 0.5 * rng.standard_normal((classes, dim))).astype(np.float32)
+    labels = np.repeat(np.arange(classes), per_class)
+    image = np.empty((len(labels), views, dim), dtype=np.float16)
+    for start in range(0, len(labels), 1024):  # in chunks: 1000 classes x 16 x 11 x 1024 is 720 MB in float32
+        rows = labels[start : start + 1024]
+        noise = rng.standard_normal((len(rows), views, dim), dtype=np.float32) / np.sqrt(dim)
+        image[start : start + len(rows)] = unit(0.3 * text[rows][:, None] + noise)
+    return text, image, labels
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory of this process and of its largest child (DataLoader workers), in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def device_of(name: str):
+    import torch
+
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, repeats: int = 5) -> float:
+    """The best fp32 dense matmul rate (FLOP/s) of this process on `device`: the machine's arithmetic limit."""
+    import torch
+
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def env_for(home: Path) -> dict:
+    return {**os.environ, "CLIPADAPT_HOME": str(home), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+            "PYTHONPATH": str(REPO / "src")}
+
+
+def timed_run(command: list[str], env: dict, cwd: Path = REPO) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return wall, result
+
+
+def fmt_rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.0f} GFLOP/s"
+
+
+def fmt_flops(flops: float) -> str:
+    for unit_flops, name in ((1e12, "TFLOP"), (1e9, "GFLOP")):
+        if flops >= unit_flops:
+            return f"{flops / unit_flops:.2f} {name}"
+    return f"{flops / 1e6:.2f} MFLOP"
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def _text_tower_factory(size: Size, device):
+    """() -> PromptEncoder of a random-init CLIP's text tower (built once): what CoOp trains through."""
+    built = {}
+
+    def factory():
+        if "encoder" not in built:
+            from clipadapt.backbone import ClipBackbone
+
+            built["encoder"] = ClipBackbone(size.text_model, None, device=str(device)).prompt_encoder()
+        return built["encoder"]
+
+    return factory
+
+
+def _probe_step(method, train, rows: int, device) -> tuple[int, float]:
+    """(FLOPs, seconds) of one training step's forward + backward on `rows` cached train rows (the optimizer's
+    elementwise update is not counted); the seconds are the best of three and plan how many steps fit a budget."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipadapt.features import to_tensor
+    from clipadapt.methods.base import Batch
+
+    image = F.normalize(to_tensor(train.image[:rows, -1], device), dim=-1)
+    dense = None if train.dense is None or not method.needs_dense else F.normalize(
+        to_tensor(train.dense[:rows, -1], device), dim=-1)
+    labels = torch.as_tensor(train.labels[:rows], device=device)
+    batch = Batch(image=image, dense=dense)
+    with FlopCounterMode(display=False) as counter:
+        method.loss(batch, labels).backward()
+    seconds = math.inf
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        method.loss(batch, labels).backward()
+        synchronize(device)
+        seconds = min(seconds, time.perf_counter() - start)
+    method.zero_grad(set_to_none=True)
+    return counter.get_total_flops(), seconds
+
+
+def training_case(name: str, classes: int, size: Size, device, rate: float, text_tower) -> tuple[Row, float]:
+    """One method at one class count: its efficiency row and its measured seconds per step."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipadapt.engine import CellTrainer, train_loop
+    from clipadapt.features import FeatureSet
+    from clipadapt.methods import METHODS, FewShotTask, build_method
+
+    dense_method = METHODS[name].needs_dense
+    dim = text_tower().clip.text_projection.shape[1] if name == "coop" else size.dim
+    text, image, labels = synthetic_features(classes, size.shots, 1 + size.views, dim, seed=classes)
+    dense = None
+    if dense_method:  # every image's tokens are one shared random map: the arithmetic is the same, the memory is not
+        tokens = unit(np.random.default_rng(1).standard_normal((size.tokens, dim))).astype(np.float16)
+        dense = np.broadcast_to(tokens, (len(labels), 1 + size.views, size.tokens, dim))
+    train = FeatureSet(image=image, labels=labels, dense=dense)
+    task = FewShotTask(classnames=[f"class {k}" for k in range(classes)], templates=["a photo of a {}."],
+                       text=torch.tensor(text, device=device), train=train, val=None, device=device,
+                       prompt_encoder=text_tower if name == "coop" else None, seed=1)
+    torch.manual_seed(1)
+    method = build_method(OmegaConf.create({"name": name}), task)
+    method.setup()
+    cfg = method.cfg.train
+    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
+    last_rows = len(labels) - (steps_per_epoch - 1) * cfg.batch_size
+    full_step, step_s = _probe_step(method, train, cfg.batch_size, device)
+    last_step = full_step if last_rows == cfg.batch_size else _probe_step(method, train, last_rows, device)[0]
+
+    # As many whole epochs as fit in the budget (or as many steps of one epoch, at least one).
+    step_s *= 1.25  # + the optimizer's update
+    epochs, steps = cfg.epochs, steps_per_epoch
+    if epochs * steps * step_s > size.budget_s:
+        epochs = max(1, int(size.budget_s / (steps * step_s)))
+        if steps * step_s > size.budget_s:
+            steps = max(1, int(size.budget_s / step_s))
+    flops = epochs * ((steps - 1) * full_step + (last_step if steps == steps_per_epoch else full_step))
+
+    synchronize(device)
+    start = time.perf_counter()
+    cell = CellTrainer(method, train, seed=1)  # what engine.fit runs: features to the device, optimizer, schedule
+    cell.epochs, cell.steps_per_epoch = epochs, steps
+    train_loop([cell])
+    synchronize(device)
+    wall = time.perf_counter() - start
+
+    whole = epochs == cfg.epochs and steps == steps_per_epoch
+    run = "the whole fit" if whole else f"{epochs} of {cfg.epochs} epochs" if steps == steps_per_epoch else \
+        f"{steps} of {steps_per_epoch} steps of 1 of {cfg.epochs} epochs"
+    row = Row("training", f"{name}, {classes} classes", "efficiency", flops / rate / wall,
+              reference=f"matmul {fmt_rate(rate)}", target=">= 0.5" if classes >= 1000 else "",
+              note=f"{fmt_flops(flops)} in {wall:.2f} s ({run}; {fmt_flops(full_step)}/step, batch {cfg.batch_size})")
+    return row, wall / (epochs * steps)
+
+
+def bench_training(size: Size, args) -> list[Row]:
+    import torch
+
+    from clipadapt.methods import METHODS
+
+    device = device_of(args.device)
+    # The first optimizer of a process imports torch._dynamo (~1 s): a cost of the process, not of any one case.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    rate = matmul_rate(device)
+    text_tower = _text_tower_factory(size, device)
+    rows = []
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            rows.append(Row("training", name, "efficiency", None, note="not in this checkout's method registry"))
+            continue
+        step_s, previous = None, None
+        for classes in size.classes:
+            if step_s is not None and step_s * classes / previous > size.budget_s:
+                estimate = step_s * classes / previous
+                rows.append(Row("training", f"{name}, {classes} classes", "efficiency", None,
+                                note=f"not run: one step would take ~{estimate:.0f} s here (scaled from {previous} "
+                                     f"classes), over the {size.budget_s:.0f} s budget"))
+                continue
+            row, step_s = training_case(name, classes, size, device, rate, text_tower)
+            previous = classes
+            rows.append(row)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    end_rate = matmul_rate(device)
+    for row in rows:
+        if row.value is not None:
+            row.reference += f", {threads} CPU thread{'s' if threads > 1 else ''}" if threads else ""
+    rows.append(Row("training", "dense fp32 matmul rate, end of section", "TFLOP/s", end_rate / 1e12,
+                    reference=f"start of section: {fmt_rate(rate)}"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ overhead
+
+
+def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
+    env = env_for(workdir)
+    cell = [sys.executable, "-m", "clipadapt.train", "dataset=synthetic", "backbone=tiny", "logger=none",
+            "method=tip_adapter_f", *size.overhead_cell, f"device={args.device}"]
+    timed_run([*cell, f"hydra.run.dir={workdir}/warm"], env)  # computes and caches the features
+    walls, traced = [], None
+    for i in range(size.overhead_repeats):  # the last run also lists its imports (-X importtime: ~5% slower)
+        out, trace = workdir / f"run{i}", ["-X", "importtime"] if i == size.overhead_repeats - 1 else []
+        wall, traced = timed_run([cell[0], *trace, *cell[1:], f"hydra.run.dir={out}"], env)
+        if not (out / "metrics.json").is_file():
+            raise RuntimeError(f"{out}/metrics.json was not written")
+        walls.append(wall)
+    imported = {m.group(1).split(".")[0] for m in re.finditer(r"\|\s*([\w.]+)\s*$", traced.stderr, re.M)}
+    heavy = sorted(imported & set(HEAVY_MODULES))
+    # The floor of any torch training process: the interpreter and `import torch`; torch.optim's first optimizer
+    # also imports torch._dynamo.
+    floor_wall, floor = timed_run([sys.executable, "-c", FLOOR_SCRIPT], env)
+    dynamo = float(floor.stdout.split()[-1])
+    return [
+        Row("overhead", "one cell on cached features: process start to metrics.json", "seconds", min(walls),
+            reference=f"`import torch` {floor_wall - dynamo:.2f} s, then torch._dynamo (imported by torch.optim) "
+                      f"{dynamo:.2f} s",
+            target="< 3 s", note=f"best of {len(walls)} (median {statistics.median(walls):.2f} s); synthetic, tiny "
+                                 f"model, {' '.join(size.overhead_cell)}; heavy imports: {', '.join(heavy) or 'none'}"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------- grid
+
+
+def write_feature_files(size: Size, folder: Path) -> list[Path]:
+    """One features file per class count: a 16-per-class train pool with 1 + views views, a val pool, a test set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    pool = max(size.grid_shots)
+    for i, classes in enumerate(size.grid_classes):
+        text, train, train_labels = synthetic_features(classes, pool, 1 + size.views, size.dim, seed=10 * i)
+        _, val, val_labels = synthetic_features(classes, 4, 1, size.dim, seed=10 * i + 1, text=text)
+        _, test, test_labels = synthetic_features(classes, size.grid_test_per_class, 1, size.dim, seed=10 * i + 2,
+                                                  text=text)
+        path = folder / f"set{i:02d}-{classes}classes.npz"
+        np.savez(path, text_features=text, train_features=train, train_labels=train_labels,
+                 val_features=val[:, 0], val_labels=val_labels, test_features=test[:, 0], test_labels=test_labels)
+        files.append(path)
+    return files
+
+
+def _accuracies(folder: Path) -> dict[tuple, float]:
+    found = {}
+    for path in folder.rglob("metrics.json"):
+        metrics = json.loads(path.read_text())
+        found[(metrics["config"]["dataset"]["path"], metrics["shots"], metrics["seed"])] = metrics["test/acc"]
+    return found
+
+
+def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
+    env = env_for(workdir)
+    files = write_feature_files(size, workdir / "features")
+    common = ["method=tip_adapter_f", "dataset=features", "logger=none", f"device={args.device}"]
+    if size.grid_epochs is not None:
+        common.append(f"+method.train.epochs={size.grid_epochs}")
+    cells = [(f, k, s) for f in files for k in size.grid_shots for s in size.grid_seeds]
+
+    sweep = [sys.executable, "-m", "clipadapt.train", "-m", "launcher=batched", *common,
+             f"dataset.path={','.join(map(str, files))}", f"shots={','.join(map(str, size.grid_shots))}",
+             f"seed={','.join(map(str, size.grid_seeds))}", f"hydra.sweep.dir={workdir}/batched",
+             "hydra.sweep.subdir=${hydra.job.num}"]
+    batched_wall, _ = timed_run(sweep, env)
+    batched = _accuracies(workdir / "batched")
+
+    per_process = [c for c in cells if size.grid_processes == "all" or c[2] == size.grid_seeds[0]]
+    process_wall = 0.0
+    for i, (path, shots, seed) in enumerate(per_process):
+        wall, _ = timed_run([sys.executable, "-m", "clipadapt.train", *common, f"dataset.path={path}",
+                             f"shots={shots}", f"seed={seed}", f"hydra.run.dir={workdir}/single/{i}"], env)
+        process_wall += wall
+    scale = len(cells) / len(per_process)
+    singles = _accuracies(workdir / "single")
+    same = sum(batched.get((str(p), k, s)) == acc for (p, k, s), acc in singles.items())
+
+    epochs = "the method's 20 epochs" if size.grid_epochs is None else f"train.epochs={size.grid_epochs}"
+    sampled = "" if scale == 1 else f", measured on the {len(per_process)} cells of seed {size.grid_seeds[0]}, x{scale:g}"
+    return [
+        Row("grid", f"tip_adapter_f, {len(size.grid_classes)} feature sets x {len(size.grid_shots)} shots x "
+            f"{len(size.grid_seeds)} seeds = {len(cells)} cells", "cells/min, batched", 60 * len(cells) / batched_wall,
+            reference=f"one process per cell: {60 * len(cells) / (process_wall * scale):.1f} cells/min{sampled}",
+            note=f"{epochs}, test sets of {size.grid_test_per_class}/class; batched {batched_wall:.0f} s; "
+                 f"test/acc identical in {same} of {len(singles)} cells run both ways"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+
+
+def bench_extraction(size: Size, args, workdir: Path) -> list[Row]:
+    import torch
+    from PIL import Image
+
+    from clipadapt.backbone import ClipBackbone
+    from clipadapt.features import FeatureExtractor, View, backbone_key
+
+    device = device_of(args.device)
+    images = workdir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    width, height = size.extraction_image_size
+    paths = []
+    for i in range(size.extraction_images):  # smooth random photos: JPEG decoding work like a real photo's
+        small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((width, height), Image.BICUBIC).save(images / f"{i:05d}.jpg", quality=90)
+        paths.append(f"{i:05d}.jpg")
+
+    backbone = ClipBackbone(size.extraction_model, None, device=str(device))
+    extractor = FeatureExtractor(workdir / "cache", "bench", images, size.extraction_model.lower(),
+                                 backbone_key(size.extraction_model, None, "attention"), load_backbone=lambda: backbone,
+                                 batch_size=size.extraction_batch, num_workers=size.extraction_workers)
+    pixels = torch.stack([backbone.preprocess(Image.open(images / p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        backbone.encode_images(pixels[: size.extraction_batch])  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        for batch in pixels.split(size.extraction_batch):
+            backbone.encode_images(batch)
+        synchronize(device)
+        encoder_rate = len(paths) / (time.perf_counter() - start)
+    del pixels
+
+    start = time.perf_counter()
+    extractor.images(paths, [0] * len(paths), View("plain"))
+    synchronize(device)
+    pipeline_rate = len(paths) / (time.perf_counter() - start)
+    own, workers = peak_rss_mb()
+    return [
+        Row("extraction", f"{size.extraction_model} random init, {len(paths)} JPEGs {width}x{height}, "
+            f"{size.extraction_workers} workers, {device.type}", "pipeline / encoder alone",
+            pipeline_rate / encoder_rate, reference=f"encoder alone {encoder_rate:.1f} img/s", target=">= 0.9",
+            note=f"pipeline {pipeline_rate:.1f} img/s; peak RSS {own:.0f} MB (largest worker {workers:.0f} MB)"),
+    ]
+
+
+# -------------------------------------------------------------------------------------------------------- memory
+
+
+def bench_memory(size: Size, args, workdir: Path) -> list[Row]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipadapt.engine import predict
+    from clipadapt.features import FeatureSet
+    from clipadapt.methods import FewShotTask, build_method
+
+    n, tokens, dim = size.memory_images, size.tokens, size.dim
+    needed = n * (tokens + 1) * dim * 2
+    free = shutil.disk_usage(workdir).free
+    note = ""
+    if needed > 0.8 * free:
+        n = max(1024, int(0.8 * free / ((tokens + 1) * dim * 2)))
+        note = f"; scaled down to {n} images: {free / 1e9:.1f} GB free on disk"
+        needed = n * (tokens + 1) * dim * 2
+    rng = np.random.default_rng(0)
+    text = unit(rng.standard_normal((size.memory_classes, dim))).astype(np.float32)
+    # 1024 distinct rows, written again and again: 5 GB of random numbers would take minutes to draw.
+    image_block = unit(rng.standard_normal((1024, 1, dim))).astype(np.float16)
+    dense_block = unit(rng.standard_normal((1024, 1, tokens, dim))).astype(np.float16)
+    # Plain file writes (pages written through a memory map would count in this process's peak RSS).
+    for name, block in (("image.npy", image_block), ("dense.npy", dense_block)):
+        with open(workdir / name, "wb") as f:
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": np.lib.format.dtype_to_descr(block.dtype), "fortran_order": False,
+                    "shape": (n, *block.shape[1:])})
+            for start in range(0, n, len(block)):
+                f.write(block[: min(len(block), n - start)].tobytes())
+
+    labels = np.arange(n) % size.memory_classes
+    features = FeatureSet(image=np.load(workdir / "image.npy", mmap_mode="r"), labels=labels,
+                          dense=np.load(workdir / "dense.npy", mmap_mode="r"))
+    device = device_of(args.device)
+    task = FewShotTask(classnames=[f"c{k}" for k in range(size.memory_classes)], templates=[],
+                       text=torch.tensor(text, device=device), train=features, val=None, device=device)
+    method = build_method(OmegaConf.create({"name": "calip", "beta_source": "paper"}), task)
+    before, _ = peak_rss_mb()
+    start = time.perf_counter()
+    logits = predict(method, features)
+    wall = time.perf_counter() - start
+    peak, _ = peak_rss_mb()
+    assert logits.shape == (n, size.memory_classes)
+    return [
+        Row("memory", f"zero-shot CALIP over a dense cache of {n} images ({needed / 1e9:.1f} GB fp16 on disk), "
+            f"{size.memory_classes} classes, {device.type}", "peak RSS (MB)", peak, target="< 2 GB",
+            reference=f"{before:.0f} MB before evaluating", note=f"{n / wall:.0f} images/s{note}"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def run_section(section: str, size: Size, args) -> list[Row]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"clipadapt-bench-{section}-", dir=args.workdir))
+    try:
+        if section == "training":
+            return bench_training(size, args)
+        return {"overhead": bench_overhead, "grid": bench_grid, "extraction": bench_extraction,
+                "memory": bench_memory}[section](size, args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_in_child(section: str, argv: list[str]) -> list[Row]:
+    """A section in a fresh process: its peak resident memory is then its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        result = subprocess.run([sys.executable, __file__, *argv, "--only", section, "--child", "--json", str(out)],
+                                cwd=REPO, text=True, capture_output=True)
+        if result.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"the {section} section failed:\n{result.stderr[-3000:]}")
+        return [Row(**row) for row in json.loads(out.read_text())["rows"]]
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+            "cpu": platform.processor() or platform.machine(), "cuda": None}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| section | case | figure | value | beside | target | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        value = "-" if r.value is None else f"{r.value:.3g}" if abs(r.value) < 1000 else f"{r.value:.0f}"
+        lines.append(f"| {r.section} | {r.case} | {r.figure} | {value} | {r.reference} | {r.target} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the benchmark's sizes; tiny: seconds")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--methods", default=",".join(TRAINED_METHODS), help="the training section's methods")
+    parser.add_argument("--threads", type=int, help="torch CPU threads here and in the processes it starts")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--budget", type=float, help="seconds per training case (default: the size's)")
+    parser.add_argument("--grid-epochs", type=int, help="tip_adapter_f epochs in the grid; 0: the method's own")
+    parser.add_argument("--grid-processes", choices=("all", "seed1"), help="cells run one process each")
+    parser.add_argument("--memory-images", type=int, help="images in the dense cache of the memory section")
+    parser.add_argument("--workdir", help="where temporary data goes (default: the system's temp folder)")
+    parser.add_argument("--json", help="also write the rows and the machine's description to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}: use some of {', '.join(SECTIONS)}")
+    overrides = {"budget_s": args.budget, "grid_processes": args.grid_processes, "memory_images": args.memory_images}
+    size = replace(SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None})
+    if args.grid_epochs is not None:
+        size = replace(size, grid_epochs=args.grid_epochs or None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the processes started from here
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO / "src"))
+
+    child_argv = [a for a in argv if a not in ("--child",)]
+    for flag in ("--only", "--json"):  # the parent's; the child gets its own
+        while flag in child_argv:
+            i = child_argv.index(flag)
+            del child_argv[i : i + 2]
+    rows, failed = [], []
+    for section in sections:
+        started = time.perf_counter()
+        try:
+            if section in ("extraction", "memory") and not args.child:
+                rows += run_in_child(section, child_argv)
+            else:
+                rows += run_section(section, size, args)
+        except Exception as error:  # noqa: BLE001 - one failing section does not hide the others' figures
+            failed.append(section)
+            rows.append(Row(section, "failed", "", None, note=f"{type(error).__name__}: {str(error).splitlines()[0]}"))
+            print(f"{section}: {type(error).__name__}: {error}", file=sys.stderr)
+        if not args.child:
+            print(f"[{section}: {time.perf_counter() - started:.0f} s]", file=sys.stderr)
+
+    report = {"size": args.size, "machine": machine(), "rows": [asdict(r) for r in rows], "failed": failed}
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.json)
+    if not args.child:
+        m = report["machine"]
+        print(f"{m['cores']} cores ({m['cpu']}), {m['torch_threads']} torch threads, torch {m['torch']}, "
+              f"GPU: {m['cuda'] or 'none'}, load average {m['load_average']:.1f}\n")
+        print(table(rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
