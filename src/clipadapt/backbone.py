@@ -186,6 +186,11 @@ class PromptEncoder(nn.Module):
         self.clip = clip
         self.tokenizer = tokenizer
 
+    def train(self, mode: bool = True) -> "PromptEncoder":
+        """Always eval: the tower is frozen, and it is the feature extractor's model too (a ResNet image tower's
+        BatchNorm must keep its statistics when a method holding this encoder is put in training mode)."""
+        return super().train(False)
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.clip.token_embedding.weight.device)
 

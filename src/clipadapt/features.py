@@ -39,6 +39,12 @@ def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     return torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
 
 
+def unit_rows(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cached rows as float32 unit vectors: re-normalising in float32 undoes fp16 storage's rounding of the norm,
+    so every method, searches included, sees exactly the features the evaluator sees."""
+    return torch.nn.functional.normalize(to_tensor(array, device), dim=-1)
+
+
 def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a cached array, as an in-memory copy.
 

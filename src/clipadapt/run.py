@@ -224,8 +224,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             "timings": timings,
             "config": resolved,
         }
-        if cfg.save_logits:
-            np.savez(output_dir / "logits.npz", **protocols.logit_arrays(results))
+        if cfg.save_logits:  # temp file + rename, like metrics.json
+            partial = output_dir / f".logits.tmp{os.getpid()}.npz"
+            np.savez(partial, **protocols.logit_arrays(results))
+            partial.replace(output_dir / "logits.npz")
         write_json_atomic(output_dir / "metrics.json", metrics)
         headline = {k: v for k, v in scores.items() if isinstance(v, float)}
         logger.summary({**headline, **{f"chosen/{k}": v for k, v in chosen.items()}})

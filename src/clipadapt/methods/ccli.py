@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.features import to_tensor
+from clipadapt.features import unit_rows
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.vocab import normalise, read_words, unique
 
@@ -268,7 +268,7 @@ class CCLI(Method):
         search = self.cfg.search
         if not search.enabled or val is None or len(val) == 0:
             return chosen
-        image = F.normalize(to_tensor(val.image[:, 0], self.text.device), dim=-1)  # unit rows, as the evaluator's
+        image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=image.device)
         zero_shot = self.zero_shot_logits(image)
         alphas = torch.linspace(search.alpha_min, search.alpha_max, search.alpha_steps, device=image.device)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.features import to_tensor
+from clipadapt.features import unit_rows
 from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.vocab import cross_dataset_names, read_words, unique
 
@@ -297,11 +297,6 @@ class RTOS(Method):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.zero_shot_logits(batch.image) + self.alpha * self.transition_logits(batch.image)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()  # the frozen tower is the feature extractor's model too (ResNet BatchNorm): stay in eval
-        return self
-
     def retarget(self, classnames, text):
         super().retarget(classnames, text)  # the relation is recomputed from the new class text: any class set works
         self._frozen_state = None
@@ -325,7 +320,7 @@ class RTOS(Method):
         chosen = {"alpha": self.alpha, **self.diagnostics()}
         if val is None or len(val) == 0:
             return chosen
-        image = F.normalize(to_tensor(val.image[:, 0], self.text.device), dim=-1)  # unit rows, as the evaluator's
+        image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=image.device)
         zero_shot, transition = self.zero_shot_logits(image), self.transition_logits(image)
         accuracy = lambda logits: (logits.argmax(-1) == labels).float().mean(-1)  # noqa: E731

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.features import to_tensor
+from clipadapt.features import unit_rows
 from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
 
 
@@ -71,7 +71,7 @@ class TipAdapter(Method):
         search = self.cfg.search
         if not search.enabled or val is None or len(val) == 0:
             return {"alpha": self.alpha, "beta": self.beta}
-        image = to_tensor(val.image[:, 0], self.text.device)
+        image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=self.text.device)
         zero_shot = self.zero_shot_logits(image)
         betas = torch.linspace(0.1, search.beta_max, search.beta_steps).tolist()
