@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import math
 from contextvars import ContextVar
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from clipadapt.features import FeatureSet, read_rows, to_tensor
-from clipadapt.methods.base import Batch, Method
+from clipadapt.features import Batch, FeatureSet, read_rows, to_tensor
+
+if TYPE_CHECKING:  # the method registry imports method modules, some of which train through this loop
+    from clipadapt.methods.base import Method
 
 log = logging.getLogger(__name__)
 

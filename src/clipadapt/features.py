@@ -90,6 +90,14 @@ class FeatureSet:
         )
 
 
+@dataclass
+class Batch:
+    """A batch of cached features as a method sees them: global [B, D] and, for dense-feature methods, [B, M, D]."""
+
+    image: torch.Tensor
+    dense: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class View:
     """How images are turned into pixels: the plain preprocessing, or `count` seeded augmentations per image."""

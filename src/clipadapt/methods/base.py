@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from clipadapt.features import FeatureSet, to_tensor
+from clipadapt.features import Batch, FeatureSet, to_tensor
 
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every method uses it for zero-shot terms
 
@@ -41,14 +41,6 @@ class MethodSchema:
     name: str = MISSING
     fidelity: str = "as published"  # "reconstructed" where the paper's text or code was not available
     train: TrainSchema = field(default_factory=TrainSchema)
-
-
-@dataclass
-class Batch:
-    """A batch of cached features: global [B, D] and, for dense-feature methods, [B, M, D]."""
-
-    image: torch.Tensor
-    dense: torch.Tensor | None = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.engine import to_batch
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
 
@@ -78,8 +79,6 @@ class CalipFSSchema(CalipSchema):
 
 def terms_over(method: Method, features: FeatureSet, batch_size: int = 1024) -> list[torch.Tensor]:
     """`method.terms` over view 0 of a (val) feature set with dense features, each term concatenated: for searches."""
-    from clipadapt.engine import to_batch
-
     if features.dense is None:
         raise ValueError(f"{method.cfg.name}'s search needs dense features of the val draw, and these have none "
                          f"(a features file needs val_dense)")

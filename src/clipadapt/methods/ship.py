@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from clipadapt.engine import fit
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import METHODS, Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.methods.clip_adapter import ClipAdapterSchema
@@ -121,8 +122,6 @@ class Ship(Method):
     # ------------------------------------------------------------------ stage 1
     def train_generator(self) -> None:
         """Stage 1 on the real base train features (augmented views), then frozen."""
-        from clipadapt.engine import fit  # engine imports the method registry: a module-level import would cycle
-
         self.stage1_history = fit(self.generator, self.task.train, self.task.seed)
         self.generator.requires_grad_(False).eval()
         self.generator.zero_grad(set_to_none=True)
@@ -220,6 +219,4 @@ class Ship(Method):
         synthetic = FeatureSet(image=features.cpu().numpy(), labels=labels.numpy())
         log.info("ship: re-fitting %s on %d synthesized features x %d draws for %d target classes",
                  self.cfg.stage2, len(labels), views, len(classnames))
-        from clipadapt.engine import fit
-
         fit(self.host, synthetic, self.task.seed)
