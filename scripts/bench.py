@@ -64,13 +64,16 @@ class Size:
     grid_test_per_class: int = 10
     grid_epochs: int | None = 2  # None: the method's 20 (the 1000-class cells alone then take ~45 min a mode here)
     grid_processes: str = "seed1"  # one process per cell for: all | seed1 (the first seed's cells, x seeds)
+    # Tip-Adapter's alpha/beta search: tip_adapter.tune recomputes [val x cache] matmuls for each of 200 betas,
+    # ~50 TFLOP per 1000-class 16-shot cell (~10 min here): off, as said in the table.
+    grid_search: bool = False
     overhead_repeats: int = 5
     overhead_cell: tuple[str, ...] = ("dataset.images_per_class=40", "shots=16")  # 10 classes (synthetic's default)
     extraction_model: str = "ViT-B-32"
     extraction_images: int = 256
     extraction_image_size: tuple[int, int] = (400, 300)  # a typical benchmark photo, JPEG
     extraction_batch: int = 32
-    extraction_workers: int = 2
+    extraction_workers: tuple[int, ...] = (2, 1)  # the config's default (features.num_workers), and one
     memory_images: int = 50_000
     memory_classes: int = 100
 
@@ -82,7 +85,7 @@ SIZES = {
                  grid_processes="seed1", overhead_repeats=1,
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
                  extraction_model="clipadapt-tiny-vit",
-                 extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=1,
+                 extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=(1,),
                  memory_images=64, memory_classes=4),
 }
 
@@ -122,10 +125,19 @@ def synthetic_features(classes: int, per_class: int, views: int, dim: int, seed:
 
 
 def peak_rss_mb() -> tuple[float, float]:
-    """Peak resident memory of this process and of its largest child (DataLoader workers), in MB."""
+    """Peak resident memory of this process (since `reset_peak_rss`) and of its largest finished child, in MB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return own, children
+
+
+def reset_peak_rss() -> str:
+    """Start the peak over (Linux >= 4.0: /proc/self/clear_refs), so that it is the next phase's own; else say so."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return ""
+    except OSError:
+        return " (peak since process start: this system cannot reset it)"
 
 
 def device_of(name: str):
@@ -383,6 +395,8 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     common = ["method=tip_adapter_f", "dataset=features", "logger=none", f"device={args.device}"]
     if size.grid_epochs is not None:
         common.append(f"+method.train.epochs={size.grid_epochs}")
+    if not size.grid_search:
+        common.append("+method.search.enabled=false")
     cells = [(f, k, s) for f in files for k in size.grid_shots for s in size.grid_seeds]
 
     sweep = [sys.executable, "-m", "clipadapt.train", "-m", "launcher=batched", *common,
@@ -403,6 +417,7 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     same = sum(batched.get((str(p), k, s)) == acc for (p, k, s), acc in singles.items())
 
     epochs = "the method's 20 epochs" if size.grid_epochs is None else f"train.epochs={size.grid_epochs}"
+    epochs += "" if size.grid_search else ", no alpha/beta search"
     sampled = "" if scale == 1 else f", measured on the {len(per_process)} cells of seed {size.grid_seeds[0]}, x{scale:g}"
     return [
         Row("grid", f"tip_adapter_f, {len(size.grid_classes)} feature sets x {len(size.grid_shots)} shots x "
@@ -435,9 +450,6 @@ def bench_extraction(size: Size, args, workdir: Path) -> list[Row]:
         paths.append(f"{i:05d}.jpg")
 
     backbone = ClipBackbone(size.extraction_model, None, device=str(device))
-    extractor = FeatureExtractor(workdir / "cache", "bench", images, size.extraction_model.lower(),
-                                 backbone_key(size.extraction_model, None, "attention"), load_backbone=lambda: backbone,
-                                 batch_size=size.extraction_batch, num_workers=size.extraction_workers)
     pixels = torch.stack([backbone.preprocess(Image.open(images / p).convert("RGB")) for p in paths])
     with torch.no_grad():
         backbone.encode_images(pixels[: size.extraction_batch])  # warm-up
@@ -449,17 +461,24 @@ def bench_extraction(size: Size, args, workdir: Path) -> list[Row]:
         encoder_rate = len(paths) / (time.perf_counter() - start)
     del pixels
 
-    start = time.perf_counter()
-    extractor.images(paths, [0] * len(paths), View("plain"))
-    synchronize(device)
-    pipeline_rate = len(paths) / (time.perf_counter() - start)
-    own, workers = peak_rss_mb()
-    return [
-        Row("extraction", f"{size.extraction_model} random init, {len(paths)} JPEGs {width}x{height}, "
-            f"{size.extraction_workers} workers, {device.type}", "pipeline / encoder alone",
+    rows = []
+    for workers in size.extraction_workers:  # each on a fresh cache: decode, preprocess, encode, write
+        extractor = FeatureExtractor(workdir / f"cache{workers}", "bench", images, size.extraction_model.lower(),
+                                     backbone_key(size.extraction_model, None, "attention"),
+                                     load_backbone=lambda: backbone, batch_size=size.extraction_batch,
+                                     num_workers=workers)
+        reset = reset_peak_rss()
+        start = time.perf_counter()
+        extractor.images(paths, [0] * len(paths), View("plain"))
+        synchronize(device)
+        pipeline_rate = len(paths) / (time.perf_counter() - start)
+        own, _ = peak_rss_mb()
+        rows.append(Row(
+            "extraction", f"{size.extraction_model} random init, {len(paths)} JPEGs {width}x{height}, "
+            f"{workers} DataLoader worker{'s' if workers > 1 else ''}, {device.type}", "pipeline / encoder alone",
             pipeline_rate / encoder_rate, reference=f"encoder alone {encoder_rate:.1f} img/s", target=">= 0.9",
-            note=f"pipeline {pipeline_rate:.1f} img/s; peak RSS {own:.0f} MB (largest worker {workers:.0f} MB)"),
-    ]
+            note=f"pipeline {pipeline_rate:.1f} img/s; peak RSS {own:.0f} MB while extracting{reset}"))
+    return rows
 
 
 # -------------------------------------------------------------------------------------------------------- memory
@@ -483,9 +502,9 @@ def bench_memory(size: Size, args, workdir: Path) -> list[Row]:
         needed = n * (tokens + 1) * dim * 2
     rng = np.random.default_rng(0)
     text = unit(rng.standard_normal((size.memory_classes, dim))).astype(np.float32)
-    # 1024 distinct rows, written again and again: 5 GB of random numbers would take minutes to draw.
-    image_block = unit(rng.standard_normal((1024, 1, dim))).astype(np.float16)
-    dense_block = unit(rng.standard_normal((1024, 1, tokens, dim))).astype(np.float16)
+    # 256 distinct rows, written again and again: 5 GB of random numbers would take minutes to draw.
+    image_block = unit(rng.standard_normal((256, 1, dim), dtype=np.float32)).astype(np.float16)
+    dense_block = unit(rng.standard_normal((256, 1, tokens, dim), dtype=np.float32)).astype(np.float16)
     # Plain file writes (pages written through a memory map would count in this process's peak RSS).
     for name, block in (("image.npy", image_block), ("dense.npy", dense_block)):
         with open(workdir / name, "wb") as f:
@@ -502,7 +521,8 @@ def bench_memory(size: Size, args, workdir: Path) -> list[Row]:
     task = FewShotTask(classnames=[f"c{k}" for k in range(size.memory_classes)], templates=[],
                        text=torch.tensor(text, device=device), train=features, val=None, device=device)
     method = build_method(OmegaConf.create({"name": "calip", "beta_source": "paper"}), task)
-    before, _ = peak_rss_mb()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports and setup
+    note += reset_peak_rss()
     start = time.perf_counter()
     logits = predict(method, features)
     wall = time.perf_counter() - start
@@ -510,8 +530,9 @@ def bench_memory(size: Size, args, workdir: Path) -> list[Row]:
     assert logits.shape == (n, size.memory_classes)
     return [
         Row("memory", f"zero-shot CALIP over a dense cache of {n} images ({needed / 1e9:.1f} GB fp16 on disk), "
-            f"{size.memory_classes} classes, {device.type}", "peak RSS (MB)", peak, target="< 2 GB",
-            reference=f"{before:.0f} MB before evaluating", note=f"{n / wall:.0f} images/s{note}"),
+            f"{size.memory_classes} classes, {device.type}", "peak RSS while evaluating (MB)", peak,
+            target="< 2 GB", reference=f"{before:.0f} MB before (imports, setup)",
+            note=f"{n / wall:.0f} images/s{note}"),
     ]
 
 

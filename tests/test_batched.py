@@ -63,7 +63,8 @@ def test_stacked_cells_equal_cells_trained_alone(name, caplog):
 
     methods = [build(name, **cell) for cell in CELLS]
     with caplog.at_level("INFO", logger="clipadapt.batched"):
-        histories = fit_cells([FitRequest(m, m.task.train, cell["seed"]) for m, cell in zip(methods, CELLS)])
+        histories = fit_cells([FitRequest(m, m.task.train, cell["seed"]) for m, cell in zip(methods, CELLS)],
+                              stack=True)
     assert "as one stacked model" in caplog.text and "not stacked" not in caplog.text
 
     for (history, state), batched_history, method in zip(alone, histories, methods):
@@ -72,6 +73,19 @@ def test_stacked_cells_equal_cells_trained_alone(name, caplog):
         for key, value in method.state_dict().items():
             torch.testing.assert_close(value, state[key], rtol=1e-5, atol=1e-6)
         assert any(not torch.equal(v, build(name, **CELLS[0]).state_dict()[k]) for k, v in state.items())  # it trained
+
+
+def test_on_cpu_the_default_trains_cells_one_after_another_bit_for_bit(caplog):
+    alone = []
+    for cell in CELLS[:3]:
+        method = build("clip_adapter", **cell)
+        alone.append((fit(method, method.task.train, cell["seed"]), method.adapter[0].weight.detach().clone()))
+    methods = [build("clip_adapter", **cell) for cell in CELLS[:3]]
+    with caplog.at_level("INFO", logger="clipadapt.batched"):
+        histories = fit_cells([FitRequest(m, m.task.train, cell["seed"]) for m, cell in zip(methods, CELLS)])
+    assert "stacked" not in caplog.text  # stacking is slower than the cells' own steps on CPU
+    for (history, weight), batched_history, method in zip(alone, histories, methods):
+        assert batched_history == history and torch.equal(method.adapter[0].weight, weight)
 
 
 class NoisyProbe(Method):
@@ -106,7 +120,7 @@ def test_a_method_that_does_not_stack_trains_alone_with_its_own_random_stream(ca
         return history, method.head.weight.detach().clone(), torch.rand(3)
 
     with caplog.at_level("WARNING", logger="clipadapt.batched"):
-        outcomes = run_batch([lambda: job(1), lambda: job(2)])
+        outcomes = run_batch([lambda: job(1), lambda: job(2)], stack=True)
     assert "not stacked" in caplog.text
     for (history, weight), ((batched_history, batched_weight, after), error) in zip(alone, outcomes):
         assert error is None
@@ -127,7 +141,7 @@ def test_run_batch_isolates_failures_and_lets_cells_fit_twice():
     def broken():
         raise RuntimeError("bad cell")
 
-    outcomes = run_batch([lambda: two_fits(1), broken, lambda: two_fits(2)])
+    outcomes = run_batch([lambda: two_fits(1), broken, lambda: two_fits(2)], stack=True)
     assert isinstance(outcomes[1][1], RuntimeError) and outcomes[1][0] is None
     for seed, (result, error) in zip((1, 2), [outcomes[0], outcomes[2]]):
         assert error is None
@@ -164,7 +178,7 @@ def test_run_cells_write_the_metrics_of_solo_runs(tiny_config, tmp_path):
     cfgs = [tiny_config("method=tip_adapter_f", f"shots={shots}", f"seed={seed}", "+method.train.epochs=2")
             for shots, seed in [(1, 1), (2, 1), (2, 2)]]
     solo = [run(cfg, tmp_path / f"solo{i}") for i, cfg in enumerate(cfgs)]
-    together = run_cells(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))])
+    together = run_cells(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], stack=True)
     for one, other, i in zip(solo, together, range(len(cfgs))):
         written = json.loads((tmp_path / f"batch{i}" / "metrics.json").read_text())
         assert written["test/acc"] == other["test/acc"] == one["test/acc"]

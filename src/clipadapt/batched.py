@@ -1,18 +1,23 @@
-"""Batched cells: several grid cells (seeds, shots of one dataset, hyperparameter values) trained in one process as
-one stacked model, each with the result it has when trained alone.
+"""Batched cells: several grid cells (seeds, shots of one dataset, hyperparameter values) trained in one process,
+as one stacked model where that is faster, each with the result it has when trained alone.
 
 Two parts:
 
 - `fit_cells` trains several cells' methods in the one loop (`engine.train_loop`), each cell with its own sample
   stream, optimizer and schedule. Cells whose methods have the same class, the same hyperparameters outside
-  `train` and parameters of the same kind are stacked: every step their trainable parameters are stacked (zero-padded
-  where shapes differ, e.g. Tip-Adapter's cache keys at different shots) and one `torch.func.functional_call` of
-  the first cell's module runs under `torch.vmap` over the cell axis; each cell's rows are padded to the longest
-  batch and masked out of its loss. The stacked forward is checked against each cell's own forward on a few of its
-  rows before training; a method that does not stack (an op vmap cannot batch, random ops, state that zero padding
-  changes) trains cell by cell in the same loop. Hyperparameters under `train` (lr, epochs, batch size, schedule)
-  may differ inside a stack, since each cell keeps its own optimizer; a method's own hyperparameters stack only
-  when equal.
+  `train` and parameters of the same kind can be stacked: every step their trainable parameters are stacked
+  (zero-padded where shapes differ, e.g. Tip-Adapter's cache keys at different shots) and one
+  `torch.func.functional_call` of the first cell's module runs under `torch.vmap` over the cell axis; each cell's
+  rows are padded to the longest batch and masked out of its loss. The stacked forward is checked against each
+  cell's own forward on a few of its rows before training; a method that does not stack (an op vmap cannot batch,
+  random ops, state that zero padding changes) trains cell by cell. Hyperparameters under `train` (lr, epochs,
+  batch size, schedule) may differ inside a stack, since each cell keeps its own optimizer; a method's own
+  hyperparameters stack only when equal.
+
+  When to stack (`stack=None`, the default): on CUDA, where a small cell's step is bound by kernel launches and C
+  cells cost one launch sequence. Not on CPU: there a vmapped step (bmm instead of C matmuls, plus the per-step
+  stacking) measured 15-20% slower than the cells' own steps (2 cores, tip_adapter_f and clip_adapter, 10-1000
+  classes), so the cells of a batch train one after another. `stack=True` forces it (the equivalence tests do).
 - `run_batch` runs whole cells (e.g. `run.run(cfg, out)`, or a Hydra job) so that their training is batched:
   each cell runs on its own thread as a coroutine (one runs at a time), and `engine.fit` inside it hands the
   method over (`engine.BATCH_HANDOFF`) and waits. When every cell has reached fit or finished, the batch is
@@ -20,7 +25,7 @@ Two parts:
   global state a cell sees (torch's RNG, Hydra's job config) is swapped in and out with it, so a cell's outputs do
   not depend on which cells share its batch.
 
-`hydra_plugins/clipadapt_launcher` uses `run_batch` when `sweep.batch_cells=true`.
+`hydra_plugins/clipadapt_launcher` (launcher=batched) uses `run_batch` when `sweep.batch_cells=true`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 # Stacking pads every cell to the largest one; a group may hold this much more work than its cells alone
 # (e.g. 1-shot cells beside 16-shot ones are not stacked on a large dataset), unless the whole stack is small.
 PADDING_WASTE = 1.5
-SMALL_STACK = 1 << 22  # elements of the padded stack of trainable tensors under which waste does not matter
+SMALL_STACK = 1 << 26  # padded stack work (see `_size`) under which the waste does not matter: launch-bound steps
 
 
 @dataclass
@@ -214,7 +219,8 @@ def _kind(cell: CellTrainer) -> tuple:
 
 
 def _size(cell: CellTrainer) -> int:
-    return sum(p.numel() for p in cell.params)
+    """A step's work, up to a constant: trainable elements x rows per batch (both grow with the shots)."""
+    return sum(p.numel() for p in cell.params) * min(cell.n, cell.batch_size)
 
 
 def stack_groups(cells: list[CellTrainer]) -> list[list[CellTrainer]]:
@@ -237,16 +243,17 @@ def stack_groups(cells: list[CellTrainer]) -> list[list[CellTrainer]]:
     return groups
 
 
-def fit_cells(requests: Sequence[FitRequest], stack: bool = True) -> list[list[float]]:
+def fit_cells(requests: Sequence[FitRequest], stack: bool | None = None) -> list[list[float]]:
     """Train several cells' methods; each cell's loss history, as `engine.fit` returns it for that cell alone.
 
-    Cells that do not stack train one after another, each in its own global state (`FitRequest.state`, updated).
+    `stack`: None stacks on CUDA only (see the module's docstring), True wherever the methods stack, False never.
+    Cells that are not stacked train one after another, each in its own global state (`FitRequest.state`, updated).
     """
     cells = [CellTrainer(r.method, r.train, r.seed, r.on_step) for r in requests]
     request_of = {id(cell): request for cell, request in zip(cells, requests)}
     for group in stack_groups([cell for cell in cells if cell.epochs]):
         name = group[0].method.cfg.name
-        if stack and len(group) > 1:
+        if (group[0].device.type == "cuda" if stack is None else stack) and len(group) > 1:
             reason = _stacks_faithfully(stacked := StackedLosses(group))
             if reason is None:
                 log.info("%s: training %d cells as one stacked model", name, len(group))
@@ -342,7 +349,7 @@ class _Cell:
         _set_global_state(outside)
 
 
-def run_batch(jobs: Sequence[Callable[[], Any]], stack: bool = True) -> list[tuple[Any, BaseException | None]]:
+def run_batch(jobs: Sequence[Callable[[], Any]], stack: bool | None = None) -> list[tuple[Any, BaseException | None]]:
     """Run each job (one cell each: `run(cfg, out)`, a Hydra job...) with their `engine.fit` calls batched.
 
     Returns (result, error) per job, in order; a job that raised has its exception as error, the others go on.
@@ -364,7 +371,7 @@ def run_batch(jobs: Sequence[Callable[[], Any]], stack: bool = True) -> list[tup
     return [(cell.result, cell.error) for cell in cells]
 
 
-def run_cells(cfgs: Sequence, output_dirs: Sequence[Path], stack: bool = True) -> list[dict]:
+def run_cells(cfgs: Sequence, output_dirs: Sequence[Path], stack: bool | None = None) -> list[dict]:
     """`run.run` for several cells of composed configs with their training batched; their metrics, in order.
 
     Every cell runs to its end; the first failure (if any) is raised afterwards.

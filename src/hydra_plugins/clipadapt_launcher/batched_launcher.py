@@ -1,6 +1,6 @@
 """Hydra launcher `batched`: a sweep's cells in this process, and, with `sweep.batch_cells=true`, the cells of each
-(method, backbone, dataset) trained together as one stacked model (clipadapt.batched), with the results each cell
-gets alone.
+(method, backbone, dataset) trained together (clipadapt.batched: one stacked model on CUDA, one cell after another
+on CPU, `hydra.launcher.stack` to choose), with the results each cell gets alone.
 
 Every cell is still one Hydra job (its own output folder, .hydra/ configs, the app's task function with its skip
 logic and error.json): the launcher runs the jobs of a group as coroutines, and their `engine.fit` calls meet in one
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class BatchedLauncherConf:
     _target_: str = "hydra_plugins.clipadapt_launcher.batched_launcher.BatchedLauncher"
     max_cells: int = 64  # at most this many cells (data, features, models) in memory and trained together
+    stack: Optional[bool] = None  # one stacked model per kind of cell: null = on CUDA only (clipadapt.batched)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="clipadapt")
@@ -43,11 +44,11 @@ def batch_key(config: DictConfig) -> str:
 
 
 class BatchedLauncher(Launcher):
-    def __init__(self, max_cells: int = 64) -> None:
+    def __init__(self, max_cells: int = 64, stack: Optional[bool] = None) -> None:
         super().__init__()
         if max_cells < 1:
             raise ValueError(f"hydra.launcher.max_cells must be >= 1, got {max_cells}")
-        self.max_cells = max_cells
+        self.max_cells, self.stack = max_cells, stack
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -89,7 +90,7 @@ class BatchedLauncher(Launcher):
         for members in groups.values():
             for start in range(0, len(members), self.max_cells):
                 chunk = members[start : start + self.max_cells]
-                outcomes = run_batch([partial(job, config=configs[i]) for i in chunk])
+                outcomes = run_batch([partial(job, config=configs[i]) for i in chunk], stack=self.stack)
                 for i, (returned, error) in zip(chunk, outcomes):
                     if error is not None:  # run_job records the task's own failures; this is Hydra's
                         raise error
