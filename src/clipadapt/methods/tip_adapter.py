@@ -53,8 +53,8 @@ class TipAdapter(Method):
         self.register_buffer("values", F.one_hot(labels, task.num_classes).float())
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
 
-    def cache_logits(self, image: torch.Tensor, beta: float) -> torch.Tensor:
-        affinity = image @ self.keys.t()
+    def cache_logits(self, image: torch.Tensor, beta: float, affinity: torch.Tensor | None = None) -> torch.Tensor:
+        affinity = image @ self.keys.t() if affinity is None else affinity
         return torch.exp(-beta * (1 - affinity)) @ self.values
 
     def forward(self, batch: Batch):
@@ -76,9 +76,10 @@ class TipAdapter(Method):
         zero_shot = self.zero_shot_logits(image)
         betas = torch.linspace(0.1, search.beta_max, search.beta_steps).tolist()
         alphas = torch.linspace(0.1, search.alpha_max, search.alpha_steps, device=image.device)
+        affinity = image @ self.keys.t()  # independent of beta: once, not once per beta
         best = (-1.0, self.alpha, self.beta)
         for beta in betas:
-            logits = zero_shot + alphas[:, None, None] * self.cache_logits(image, beta)  # [A, N, K]
+            logits = zero_shot + alphas[:, None, None] * self.cache_logits(image, beta, affinity)  # [A, N, K]
             accuracy = (logits.argmax(-1) == labels).float().mean(-1)
             index = int(accuracy.argmax())
             if accuracy[index] > best[0]:
