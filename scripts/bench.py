@@ -64,8 +64,8 @@ class Size:
     grid_test_per_class: int = 10
     grid_epochs: int | None = 2  # None: the method's 20 (the 1000-class cells alone then take ~45 min a mode here)
     grid_processes: str = "seed1"  # one process per cell for: all | seed1 (the first seed's cells, x seeds)
-    # Tip-Adapter's alpha/beta search: tip_adapter.tune recomputes [val x cache] matmuls for each of 200 betas,
-    # ~50 TFLOP per 1000-class 16-shot cell (~10 min here): off, as said in the table.
+    # Tip-Adapter's alpha/beta search: tip_adapter.tune does a [val x cache] @ [cache x classes] matmul per beta,
+    # 200 betas: ~26 TFLOP per 1000-class 16-shot cell (minutes here): off, as said in the table.
     grid_search: bool = False
     overhead_repeats: int = 5
     overhead_cell: tuple[str, ...] = ("dataset.images_per_class=40", "shots=16")  # 10 classes (synthetic's default)
@@ -226,8 +226,7 @@ def _probe_step(method, train, rows: int, device) -> tuple[int, float]:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipadapt.features import to_tensor
-    from clipadapt.methods.base import Batch
+    from clipadapt.features import Batch, to_tensor
 
     image = F.normalize(to_tensor(train.image[:rows, -1], device), dim=-1)
     dense = None if train.dense is None or not method.needs_dense else F.normalize(

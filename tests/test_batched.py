@@ -15,7 +15,8 @@ from clipadapt.batched import FitRequest, fit_cells, run_batch, run_cells, stack
 from clipadapt.engine import fit
 from clipadapt.features import FeatureSet
 from clipadapt.methods import FewShotTask, build_method
-from clipadapt.methods.base import Batch, Method, MethodSchema
+from clipadapt.features import Batch
+from clipadapt.methods.base import Method, MethodSchema
 from clipadapt.run import run
 
 K, D, VIEWS = 6, 32, 3

@@ -45,8 +45,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clipadapt.engine import BATCH_HANDOFF, CellTrainer, own_losses, train_loop
-from clipadapt.features import FeatureSet
-from clipadapt.methods.base import Batch, Method
+from clipadapt.features import Batch, FeatureSet
+from clipadapt.methods.base import Method
 
 log = logging.getLogger(__name__)
 
