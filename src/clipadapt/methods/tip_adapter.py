@@ -53,8 +53,8 @@ class TipAdapter(Method):
         self.register_buffer("values", F.one_hot(labels, task.num_classes).float())
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
 
-    def cache_logits(self, image: torch.Tensor, beta: float, affinity: torch.Tensor | None = None) -> torch.Tensor:
-        affinity = image @ self.keys.t() if affinity is None else affinity
+    def cache_logits(self, image: torch.Tensor, beta: float) -> torch.Tensor:
+        affinity = image @ self.keys.t()
         return torch.exp(-beta * (1 - affinity)) @ self.values
 
     def forward(self, batch: Batch):
@@ -77,9 +77,13 @@ class TipAdapter(Method):
         betas = torch.linspace(0.1, search.beta_max, search.beta_steps).tolist()
         alphas = torch.linspace(0.1, search.alpha_max, search.alpha_steps, device=image.device)
         affinity = image @ self.keys.t()  # independent of beta: once, not once per beta
+        # values are one-hot rows: A . values sums each class's columns (index_add), not a dense [NK, K] matmul
+        holds, classes = self.values.max(1)
+        affinity, classes = affinity[:, holds > 0], classes[holds > 0]
         best = (-1.0, self.alpha, self.beta)
         for beta in betas:
-            logits = zero_shot + alphas[:, None, None] * self.cache_logits(image, beta, affinity)  # [A, N, K]
+            cache = zero_shot.new_zeros(zero_shot.shape).index_add_(1, classes, torch.exp(-beta * (1 - affinity)))
+            logits = zero_shot + alphas[:, None, None] * cache  # [A, N, K]
             accuracy = (logits.argmax(-1) == labels).float().mean(-1)
             index = int(accuracy.argmax())
             if accuracy[index] > best[0]:
