@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from clipadapt.features import Batch, FeatureSet, read_rows, to_tensor
+from clipadapt.features import Batch, FeatureSet, read_rows, unit_rows
 
 if TYPE_CHECKING:  # the method registry imports method modules, some of which train through this loop
     from clipadapt.methods.base import Method
@@ -54,10 +54,7 @@ def to_batch(image: np.ndarray, dense: np.ndarray | None, device: torch.device) 
 
     Re-normalising in float32 undoes fp16 storage's rounding of the norm, so every method sees unit features.
     """
-    def unit(array):
-        return F.normalize(to_tensor(array, device), dim=-1)
-
-    return Batch(image=unit(image), dense=None if dense is None else unit(dense))
+    return Batch(image=unit_rows(image, device), dense=None if dense is None else unit_rows(dense, device))
 
 
 def _dense_of(method: Method, features: FeatureSet) -> np.ndarray | None:
@@ -118,7 +115,7 @@ class CellTrainer:
         image = F.normalize(self.image[order, self.views[rows]].float(), dim=-1)
         dense = None
         if self.dense is not None:
-            dense = F.normalize(to_tensor(self.dense[self.cpu_order[rows], self.cpu_views[rows]], self.device), dim=-1)
+            dense = unit_rows(self.dense[self.cpu_order[rows], self.cpu_views[rows]], self.device)
         return Batch(image=image, dense=dense), self.labels[order]
 
     def step(self, loss: torch.Tensor, rows: int) -> None:

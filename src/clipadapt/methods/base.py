@@ -57,6 +57,15 @@ class FewShotTask:
     new_classnames: list[str] = field(default_factory=list)
     new_text: torch.Tensor | None = None
 
+    def text_tower(self, method: str) -> nn.Module:
+        """The frozen text tower on token embeddings (CoOp, RTOS, SHIP), or a one-line error where there is none."""
+        if self.prompt_encoder is None:
+            raise ValueError(
+                f"{method} runs CLIP's text tower on learned tokens, which a features file does not provide: "
+                f"run it on an image dataset (e.g. dataset=eurosat) so the backbone's text tower can be loaded"
+            )
+        return self.prompt_encoder().requires_grad_(False)
+
     @property
     def num_classes(self) -> int:
         return self.text.shape[0]

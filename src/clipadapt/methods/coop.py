@@ -27,17 +27,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 
 
-def load_prompt_encoder(task: FewShotTask, method: str) -> nn.Module:
-    """The frozen text tower on token embeddings, or a one-line error where the dataset has none."""
-    encoder = task.prompt_encoder() if task.prompt_encoder is not None else None
-    if encoder is None:
-        raise ValueError(
-            f"{method} learns prompt tokens through CLIP's text tower, which a features file does not provide: "
-            f"run it on an image dataset (e.g. dataset=eurosat) so the backbone's text tower can be loaded"
-        )
-    return encoder.requires_grad_(False)
-
-
 def encode_prompts(encoder: nn.Module, sequences: torch.Tensor, ids: torch.Tensor, precision: str) -> torch.Tensor:
     """Normalised fp32 text features [N, D] of token-embedding sequences [N, L, W]; bf16 autocast on CUDA only."""
     bf16 = precision == "bf16" and sequences.device.type == "cuda"
@@ -130,7 +119,7 @@ class CoOp(Method):
         super().__init__(cfg, task)
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"method.precision={cfg.precision!r}: use one of {PRECISIONS}")
-        self.text_tower = load_prompt_encoder(task, cfg.name)
+        self.text_tower = task.text_tower(cfg.name)
         if cfg.ctx_init:
             n_ctx = count_tokens(self.text_tower, cfg.ctx_init)
             if n_ctx != cfg.n_ctx:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.features import unit_rows
-from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.vocab import cross_dataset_names, read_words, unique
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,6 @@ class AnchorPrompts(nn.Module):
         return torch.cat([self.frozen[:, :start], anchor, self.frozen[:, stop:]], dim=1)
 
 
-def load_text_tower(task: FewShotTask, method: str) -> nn.Module:
-    encoder = task.prompt_encoder() if task.prompt_encoder is not None else None
-    if encoder is None:
-        raise ValueError(f"{method} encodes its anchors with CLIP's text tower, which a features file does not "
-                         f"provide: run it on an image dataset (e.g. dataset=eurosat) so the backbone can be loaded")
-    return encoder.requires_grad_(False)
-
-
 @register_method("rtos")
 class RTOS(Method):
     Config = RTOSSchema
@@ -208,7 +200,7 @@ class RTOS(Method):
                                     ("rtm.init", cfg.rtm.init, ("identity", "xavier"))):
             if value not in allowed:
                 raise ValueError(f"method.{key}={value!r}: use one of {allowed}")
-        self.encoder = load_text_tower(task, cfg.name)
+        self.encoder = task.text_tower(cfg.name)
         if cfg.anchors.init == "random":
             names = [f"random {i}" for i in range(cfg.anchors.num)]
         else:

@@ -28,7 +28,6 @@ import typing
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -37,7 +36,7 @@ from clipadapt.engine import fit
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import METHODS, Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.methods.clip_adapter import ClipAdapterSchema
-from clipadapt.methods.coop import CoOpSchema, CoOpTrainSchema, load_prompt_encoder, shots_of
+from clipadapt.methods.coop import CoOpSchema, CoOpTrainSchema, shots_of
 from clipadapt.methods.ship_generator import GeneratorSchema, PromptGenerator
 from clipadapt.methods.tip_adapter import TipAdapter, TipAdapterFSchema, TipSearchSchema
 
@@ -109,7 +108,7 @@ class Ship(Method):
         self.joint_task = joint
         self.generator: PromptGenerator | None = None
         if self.num_new:
-            self.generator = PromptGenerator(cfg.generator, joint, load_prompt_encoder(task, "ship"), joint.classnames)
+            self.generator = PromptGenerator(cfg.generator, joint, task.text_tower("ship"), joint.classnames)
         else:
             log.warning("ship: no label-only classes (protocol.task=base_to_new gives them): stage 2 is plain %s",
                         cfg.stage2)
@@ -208,7 +207,7 @@ class Ship(Method):
         if self.cfg.transfer.per_class == 0:
             return
         if self.generator is None:  # the source task had no label-only classes: stage 1 runs now, on its train set
-            self.generator = PromptGenerator(self.cfg.generator, self.task, load_prompt_encoder(self.task, "ship"),
+            self.generator = PromptGenerator(self.cfg.generator, self.task, self.task.text_tower("ship"),
                                              self.task.classnames)
             self.train_generator()
         self.generator.set_classes(classnames)
