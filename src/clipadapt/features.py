@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import xxhash
 from filelock import FileLock
 from PIL import Image
 
@@ -115,18 +116,108 @@ def _digest(payload: object, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def _fingerprint(path: Path) -> str:
-    """Size plus a hash of the first and last MiB: catches truncation and overwrites without reading GBs."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-        f.seek(max(0, size - (1 << 20)))
-        tail = f.read()
-    return f"{size}:{hashlib.sha1(head + tail).hexdigest()}"
+class CacheError(RuntimeError):
+    """The cache cannot hold what was asked: a failed disk write, or features that are not finite."""
+
+
+# Shard files whose whole content this process has hashed: (path, inode, size, mtime, expected hash).
+_VERIFIED: set[tuple] = set()
+
+
+def _content_hash(path: Path, chunk: int = 8 << 20) -> str:
+    """xxh3-128 of the whole file (~25 GB/s: verifying a shard costs about what reading it once does), read with
+    plain reads into one buffer, so that the pages stay in the page cache and not in this process's memory."""
+    digest, buffer = xxhash.xxh3_128(), bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _identity(path: Path, content_hash: str) -> tuple:
+    stat = path.stat()
+    return str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, content_hash
+
+
+def _verified(path: Path, expected: str) -> bool:
+    """Whether the file's content hash is `expected`; hashed once per process (shards are immutable once renamed)."""
+    identity = _identity(path, expected)
+    if identity not in _VERIFIED:
+        if _content_hash(path) != expected:
+            return False
+        _VERIFIED.add(identity)
+    return True
+
+
+def _shard_name(paths: list[str]) -> str:
+    """A shard is named by the digest of its image paths, so a damaged paths.json cannot match its folder."""
+    return f"shard-{_digest(paths)}"
+
+
+def _temporary(final: Path) -> Path:
+    """Where `final` is written before it is renamed into place; the name carries the writer's pid."""
+    return final.with_name(f"{final.name}.tmp{os.getpid()}")
+
+
+def _writer_pid(path: Path) -> int | None:
+    head, _, pid = path.name.rpartition(".tmp")
+    return int(pid) if head and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary sibling, then rename it to `final`: `final` is complete or absent. A failed
+    write leaves no temporary behind; a failed disk write (disk full, ...) is one line naming `final`."""
+    tmp = _temporary(final)
+    try:
+        _remove(tmp)
+        write(tmp)
+        if final.is_dir():  # a directory cannot be renamed over a non-empty one
+            shutil.rmtree(final)
+        tmp.replace(final)
+    except BaseException as error:  # noqa: BLE001 - Ctrl-C and failures alike: remove the partial write, re-raise
+        _remove(tmp)
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+            raise CacheError(f"could not write {final} ({reason}): free space on that disk, or set paths.cache_dir "
+                             f"to another one") from error
+        raise
+
+
+def _refuse_non_finite(array: np.ndarray, paths: list[str], folder: Path) -> None:
+    """Features with NaN or Inf are never cached: a shard found damaged is recomputed, and if the model itself
+    outputs NaN the run stops here instead of recomputing forever or producing NaN logits."""
+    finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if not finite.all():
+        raise CacheError(f"{int((~finite).sum())} of {len(paths)} feature rows computed for {folder} hold NaN or "
+                         f"Inf (first: {paths[int(np.argmin(finite))]}): the model's output is not finite; nothing "
+                         f"was cached")
 
 
 class CacheEntry:
-    """One (backbone, dataset, view, kind) entry: a set of immutable shards keyed by image path."""
+    """One (backbone, dataset, view, kind) entry: a set of immutable shards keyed by image path.
+
+    A shard's meta.json holds the xxh3-128 hash of its whole features.npy, checked the first time a process opens
+    it; a shard whose files disagree (truncated, overwritten, a damaged paths.json or meta.json) is removed and its
+    images recomputed. Temporary folders of killed writers are removed under the lock.
+    """
 
     def __init__(self, folder: Path, key: dict):
         self.folder = folder
@@ -134,44 +225,15 @@ class CacheEntry:
         folder.mkdir(parents=True, exist_ok=True)
         key_file = folder / "key.json"
         if not key_file.exists():
-            tmp = key_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
-            tmp.replace(key_file)
+            text = json.dumps(key, indent=1, sort_keys=True, default=str)
+            _write_atomically(key_file, lambda tmp: tmp.write_text(text))
         self.lock = FileLock(str(folder / ".lock"))
-
-    def _shards(self) -> list[tuple[Path, list[str]]]:
-        return [(s, json.loads((s / "paths.json").read_text())) for s in sorted(self.folder.glob("shard-*")) if (s / "meta.json").exists()]
-
-    def _open(self, shard: Path) -> np.ndarray | None:
-        """The shard's array, memory-mapped; None (and the shard removed) when it is truncated or corrupt."""
-        try:
-            meta = json.loads((shard / "meta.json").read_text())
-            array = np.load(shard / "features.npy", mmap_mode="r")
-            if list(array.shape) != meta["shape"] or _fingerprint(shard / "features.npy") != meta["fingerprint"]:
-                raise ValueError("shape or fingerprint differs from meta.json")
-            return array
-        except (OSError, ValueError, KeyError) as error:
-            log.warning("cache shard %s is corrupt (%s): removing it and recomputing", shard, error)
-            shutil.rmtree(shard, ignore_errors=True)
-            return None
-
-    def _write(self, paths: list[str], array: np.ndarray) -> None:
-        name = f"shard-{_digest(paths)}"
-        tmp = self.folder / f"{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        (tmp / "paths.json").write_text(json.dumps(paths))
-        np.save(tmp / "features.npy", array)
-        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "fingerprint": _fingerprint(tmp / "features.npy")}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        final = self.folder / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
 
     def get(self, paths: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         """Features of `paths` in order, computing (and storing) only those not cached yet."""
         paths = list(paths)
         with self.lock:
+            self._remove_orphans()
             found = self._index()
             missing = list(dict.fromkeys(p for p in paths if p not in found))
             if missing:
@@ -179,12 +241,55 @@ class CacheEntry:
                 found = self._index()
         return self._gather(paths, found)
 
+    def _remove_orphans(self) -> None:
+        """Temporary files of writers that are gone (killed mid-write). Called under the lock, which every writer
+        holds while it writes, so no live writer is touched; a live pid's folder is kept all the same."""
+        for path in self.folder.glob("*.tmp*"):
+            pid = _writer_pid(path)
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                log.info("removing %s, left by a writer that is gone (pid %d)", path, pid)
+                _remove(path)
+
     def _index(self) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}
-        for shard, shard_paths in self._shards():
-            if self._open(shard) is not None:
+        for shard in sorted(self.folder.glob("shard-*")):
+            shard_paths = None if _writer_pid(shard) is not None else self._open(shard)
+            if shard_paths is not None:
                 index.update((p, (shard, row)) for row, p in enumerate(shard_paths))
         return index
+
+    def _open(self, shard: Path) -> list[str] | None:
+        """The shard's image paths when its files agree with each other; else None, and the shard is removed."""
+        try:
+            paths = json.loads((shard / "paths.json").read_text())
+            meta = json.loads((shard / "meta.json").read_text())
+            array = np.load(shard / "features.npy", mmap_mode="r")
+            if shard.name != _shard_name(paths):
+                raise ValueError("paths.json does not match the shard's name")
+            if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"] or len(array) != len(paths):
+                raise ValueError("the array's shape or dtype differs from meta.json or paths.json")
+            if not _verified(shard / "features.npy", meta["xxh3_128"]):
+                raise ValueError("features.npy's content hash differs from meta.json's")
+            return paths
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("cache shard %s is corrupt (%s): removing it and recomputing its images", shard, error)
+            shutil.rmtree(shard, ignore_errors=True)
+            return None
+
+    def _write(self, paths: list[str], array: np.ndarray) -> None:
+        _refuse_non_finite(array, paths, self.folder)
+        final = self.folder / _shard_name(paths)
+        meta = {"shape": list(array.shape), "dtype": str(array.dtype)}
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
+            (tmp / "paths.json").write_text(json.dumps(paths))
+            np.save(tmp / "features.npy", array)
+            meta["xxh3_128"] = _content_hash(tmp / "features.npy")  # of the bytes as written, read back
+            (tmp / "meta.json").write_text(json.dumps(meta))
+
+        _write_atomically(final, write)
+        _VERIFIED.add(_identity(final / "features.npy", meta["xxh3_128"]))  # a rename keeps inode and mtime
 
     def _gather(self, paths: list[str], index: dict[str, tuple[Path, int]]) -> np.ndarray:
         shards = {shard for shard, _ in (index[p] for p in paths)}
