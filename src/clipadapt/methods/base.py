@@ -31,8 +31,11 @@ class TrainSchema:
     momentum: float = 0.9  # sgd
     eps: float = 1e-8  # adamw
     schedule: str = "cosine"  # cosine | constant
+    schedule_unit: str = "step"  # step: the lr moves every step | epoch: once per epoch, after it (Dassl's trainers)
     warmup_epochs: int = 0
+    warmup_type: str = "constant"  # constant: warmup_lr throughout (Dassl's) | linear: from warmup_lr up to lr
     warmup_lr: float = 1e-5
+    drop_last: bool = False  # leave out the last partial batch when the draw holds a full one (Dassl's train loader)
     views: str = "augment"  # cached train views the loop samples from: augment | plain
 
 
@@ -75,11 +78,18 @@ class FewShotTask:
 
 
 class Method(nn.Module):
-    """Base class: subclasses set `Config`, implement `forward`, and register with `@register_method`."""
+    """Base class: subclasses set `Config`, implement `forward`, and register with `@register_method`.
+
+    A trained method is saved as its state_dict (clipadapt.trained_state) and rebuilt for re-evaluation on a task
+    whose train set is EMPTY: a constructor must accept one (the saved tensors then replace what it built).
+    """
 
     Config: ClassVar[type] = MethodSchema
     needs_dense: ClassVar[bool] = False
     uses_augmented_views: ClassVar[bool] = True  # False: only the plain view of the train draw is extracted
+    # Plain attributes that `tune` (or training) sets and state_dict does not hold, e.g. Tip-Adapter's alpha and
+    # beta: saved with the trained state through torch's extra-state hooks (JSON values: floats, strings, lists).
+    tuned: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, task: FewShotTask):
         super().__init__()
@@ -99,6 +109,13 @@ class Method(nn.Module):
     def tune(self, val: FeatureSet | None) -> dict:
         """After training: hyperparameter searches on the few-shot val draw; returns what was chosen."""
         return {}
+
+    def get_extra_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.tuned if not isinstance(getattr(self, name), torch.Tensor)}
+
+    def set_extra_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def retarget(self, classnames: list[str], text: torch.Tensor) -> None:
         """Point the trained method at another class set (new classes, another dataset) for evaluation.
