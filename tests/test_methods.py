@@ -19,9 +19,14 @@ from clipadapt.run import image_task_data
 METHOD_FILES = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 
 
+def method_node(name: str):
+    """conf/method/<name>.yaml's method node (a `# @package _global_` file such as vt_clip.yaml nests it)."""
+    loaded = __import__("omegaconf").OmegaConf.load(Path(CONFIG_DIR) / "method" / f"{name}.yaml")
+    return loaded.method if "method" in loaded else loaded
+
+
 def test_every_method_has_a_config_and_every_config_a_method():
-    configured = {method_config(__import__("omegaconf").OmegaConf.load(Path(CONFIG_DIR) / "method" / f"{name}.yaml")).name
-                  for name in METHOD_FILES}
+    configured = {method_config(method_node(name)).name for name in METHOD_FILES}
     assert configured == set(METHODS)
 
 

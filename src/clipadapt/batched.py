@@ -243,8 +243,9 @@ def stack_groups(cells: list[CellTrainer]) -> list[list[CellTrainer]]:
     return groups
 
 
-def fit_cells(requests: Sequence[FitRequest], stack: bool | None = None) -> list[list[float]]:
-    """Train several cells' methods; each cell's loss history, as `engine.fit` returns it for that cell alone.
+def fit_cells(requests: Sequence[FitRequest], stack: bool | None = None) -> list[list[float] | FloatingPointError]:
+    """Train several cells' methods; each cell's loss history, as `engine.fit` returns it for that cell alone, or the
+    error `engine.fit` would raise (a loss that became NaN or Inf: that cell stops, the others train on).
 
     `stack`: None stacks on CUDA only (see the module's docstring), True wherever the methods stack, False never.
     Cells that are not stacked train one after another, each in its own global state (`FitRequest.state`, updated).
@@ -263,7 +264,7 @@ def fit_cells(requests: Sequence[FitRequest], stack: bool | None = None) -> list
         for cell in group:
             with _swapped_in(request_of[id(cell)]):
                 train_loop([cell])
-    return [cell.history for cell in cells]
+    return [cell.history if cell.failure is None else cell.failure for cell in cells]
 
 
 @contextmanager

@@ -72,9 +72,12 @@ class CalipFSSchema(CalipSchema):
     beta_source: str = "paper"  # trained with fixed betas: the dataset's zero-shot values
     proj_type: str = "linear_identity"  # linear_identity (our reading) | mlp_bottleneck128 (unofficial reimpl.)
     shared_proj: bool = True  # one phi for both modalities (false: one per modality)
-    # The unofficial reimplementation's recipe ("stick to paper"): CoOp's SGD schedule, 200 epochs, batch 32.
+    # The unofficial reimplementation's recipe ("stick to paper", a Dassl trainer on CoOp's config): SGD lr 2e-3 with
+    # Dassl's momentum 0.9 and weight decay 5e-4, 200 epochs, batch 32, one constant warm-up epoch, cosine stepped
+    # per epoch, the last partial batch dropped.
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=200, batch_size=32, optimizer="sgd", lr=2e-3, schedule="cosine", warmup_epochs=1, warmup_lr=1e-5))
+        epochs=200, batch_size=32, optimizer="sgd", lr=2e-3, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        schedule_unit="epoch", warmup_epochs=1, warmup_type="constant", warmup_lr=1e-5, drop_last=True))
 
 
 def terms_over(method: Method, features: FeatureSet, batch_size: int = 1024) -> list[torch.Tensor]:

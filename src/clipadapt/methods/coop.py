@@ -4,9 +4,11 @@ As published: class-shared context of `n_ctx` vectors, either random N(0, 0.02^2
 token embeddings of `ctx_init` words ("a photo of a <name>."), class token at the end; logits = 100 * image .
 normalised text features; SGD lr 2e-3 (momentum 0.9, weight decay 5e-4), one constant warm-up epoch at 1e-5,
 cosine, batch 32, epochs by shots (50 / 100 / 100 / 200 / 200; ImageNet 50 at every K). Only the context is
-trained. Our change: the image tower is frozen, so training runs over CACHED features of the augmented train
-views (one random view per image per epoch) instead of re-encoding crops: one text-tower pass per step covers all
-classes, and no image is encoded during training.
+trained. Dassl's loop (configs/trainers/CoOp/*.yaml on Dassl.pytorch): the lr steps once per epoch, after it, and
+the last partial batch is dropped when the draw holds a full one (`train.schedule_unit=epoch`, `drop_last`).
+Our change: the image tower is frozen, so training runs over CACHED features of the augmented train views (one
+random view per image per epoch) instead of re-encoding crops: one text-tower pass per step covers all classes,
+and no image is encoded during training.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ class CoOpTrainSchema(TrainSchema):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    schedule_unit: str = "epoch"  # Dassl steps the lr after each epoch
     warmup_epochs: int = 1  # constant warm-up at warmup_lr, as CoOp's
     warmup_lr: float = 1e-5
+    drop_last: bool = True  # Dassl's train loader
 
 
 @dataclass

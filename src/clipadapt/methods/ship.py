@@ -66,8 +66,11 @@ class TransferSchema:
 
 
 def _ship_coop() -> CoOpSchema:
+    # main_coop_vae.py's own loop, not Dassl's: CosineAnnealingLR over epochs x iterations, stepped per iteration,
+    # and its loader keeps the last partial batch (drop_last=False)
     return CoOpSchema(name="coop", n_ctx=4, ctx_init="a photo of a", train=CoOpTrainSchema(
-        epochs=200, batch_size=256, optimizer="sgd", lr=2e-3, momentum=0.0, weight_decay=0.0, warmup_epochs=0))
+        epochs=200, batch_size=256, optimizer="sgd", lr=2e-3, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+        schedule_unit="step", drop_last=False))
 
 
 @dataclass

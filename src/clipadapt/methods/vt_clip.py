@@ -7,10 +7,10 @@ reconstruction (specs/methods/vt_clip.md), every open choice a config option:
   trained part (both encoders frozen), a residual blend with the original texts, logits = similarity of the global
   image feature with the adapted texts, few-shot cross-entropy training;
 - ours: one decoder-style layer without class self-attention (8 heads, post-norm Add & Norm, GELU FFN of ratio 4,
-  dropout 0.1), keys/values the L2-normalised dense tokens in the joint space (the spec recommends the value path:
-  `backbone.dense=value` on ResNet; ViT tokens are the same in both modes), the global token not among the keys;
-  the convex blend t^_k = normalize((1 - alpha) t_k + alpha normalize(s_k)) with alpha chosen on the few-shot val
-  draw after training; logits = 100 <g, t^_k>.
+  dropout 0.1), keys/values the L2-normalised dense tokens in the joint space (the spec's value path:
+  conf/method/vt_clip.yaml sets `backbone.dense=value`; ViT tokens are the same in both modes), the global token
+  not among the keys; the convex blend t^_k = normalize((1 - alpha) t_k + alpha normalize(s_k)) with alpha chosen
+  on the few-shot val draw after training; logits = 100 <g, t^_k>; the spec's recipe with its linear warm-up.
 The blend is normalised relative to the text's own norm (1 for unit texts, as the spec assumes), so alpha = 0 gives
 the zero-shot logits bit for bit even for texts stored in fp16.
 """
@@ -53,9 +53,11 @@ class VTClipSchema(MethodSchema):
     zs_logit_weight: float = 0.0  # lambda: adds lambda * 100 <g, t_k> to the logits
     chunk_size: int = 0  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
     search: VTClipSearchSchema = field(default_factory=VTClipSearchSchema)
+    # The spec's recipe (section 3): AdamW 1e-4, weight decay 1e-4, batch 64, 50 epochs, one warm-up epoch rising
+    # linearly from warmup_lr to lr step by step, then cosine to 0 over the remaining steps.
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
         epochs=50, batch_size=64, optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine",
-        warmup_epochs=1, warmup_lr=1e-5))
+        schedule_unit="step", warmup_epochs=1, warmup_type="linear", warmup_lr=1e-5))
 
 
 class VisualGuidedAttention(nn.Module):
@@ -160,4 +162,4 @@ class VTClip(Method):
         scores = [float((self.combine(*terms, a).argmax(-1) == labels).float().mean()) for a in candidates]
         best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
         self.alpha = float(candidates[best])
-        return {"alpha": self.alpha, "trained_alpha": alpha, "val_acc": scores[best]}
+        return {"alpha": self.alpha, "trained_alpha": alpha, "val_acc": 100 * scores[best]}  # percent, as test/acc
