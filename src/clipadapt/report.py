@@ -2,14 +2,15 @@
 
 Reads every metrics.json under the given folders. Per method and backbone it builds the dataset x shots table of
 the mean +- sample std over seeds, with the average over the 11 benchmark datasets, a column counting the runs
-missing from the grid, and the published numbers of the protocol (specs/protocol.md) beside ours. Writes
-`report.md`, `results.csv` (one row per method, dataset and shots), PNG plots (accuracy vs shots, one panel per
-dataset plus the average, one line per method; base/new/H bars for base-to-new runs) and, unless --no-wandb, logs
-them as one W&B run of job_type "report".
+missing from the grid, and the published numbers of the backbone beside ours, each with its source named under
+the table (never beside runs on a features file). Writes `report.md`, `results.csv` (one row per method, dataset
+and shots), `published.csv` (the published numbers shown, with their sources), `base_to_new.csv`, PNG plots
+(accuracy vs shots, one panel per dataset plus the average, one line per method; base/new/H bars for base-to-new
+runs) and, unless --no-wandb, logs them as one W&B run of job_type "report".
 
 Nothing is averaged across different experiments: a setting of the resolved config or of the recorded protocol
 flags that takes two values within one (method, backbone, dataset, shots) splits the results into separately named
-series (e.g. `tip_adapter_f [protocol.selection=test]`), and settings that differ only between datasets (a
+series (e.g. `tip_adapter_f [protocol.selection=test]`; runs of two `protocol.task`s are always two series), and settings that differ only between datasets (a
 per-dataset recipe, a leaky mode used on one dataset) are listed under the table.
 """
 
@@ -39,8 +40,44 @@ BENCHMARK = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_f
 AVERAGE = "average"
 ALL_SHOTS = (1, 2, 4, 8, 16)
 
-# Published numbers, from specs/protocol.md ("Published numbers to compare against"): CoOp protocol, OpenAI weights.
-# (method, backbone) -> {dataset or AVERAGE: {shots: accuracy}}. Zero-shot numbers do not depend on the shots.
+# Published numbers, each with its source (shown as a footnote under every table that uses it). Only ever beside runs
+# of the backbone they were measured with: runs on a features file never get any (their backbone is not RN50's).
+SOURCES = {
+    "protocol": "11-dataset averages, CoOp protocol, as collected in specs/protocol.md (the paper of each row is not "
+                "named there)",
+    "coop": "zero-shot CLIP with CoOp's hand-crafted prompt (Zhou et al., IJCV 2022), as printed in GDA (Wang et al., "
+            "ICLR 2024), Table 1",
+    "tip": "Tip-Adapter-F (Zhang et al., ECCV 2022), as printed in GDA (Wang et al., ICLR 2024), Table 1",
+    "calip": "zero-shot CALIP (Guo et al., AAAI 2023; betas tuned on test), as printed in GDA (Wang et al., ICLR 2024), "
+             "Table 1",
+    "cafo": "CaFo (Zhang et al., CVPR 2023), Table 2: ImageNet, RN50",
+    "cafo_zero_shot": "CaFo (Zhang et al., CVPR 2023), Table 2: ImageNet, RN50, zero-shot CLIP with CLIP's 7-template "
+                      "prompt ensemble",
+    "vit": "ViT-B/16 16-shot averages as collected in specs/protocol.md (the paper of each row is not named there)",
+    "cocoop": "CoCoOp (Zhou et al., CVPR 2022), Table 1: base-to-new average over 11 datasets, ViT-B/16, 16 shots",
+}
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published table: (method, backbone) -> {dataset or AVERAGE: {shots: accuracy}}, from one source."""
+
+    method: str
+    backbone: str
+    source: str  # a key of SOURCES
+    values: dict
+
+
+def _zero_shot(per_dataset: dict[str, float]) -> dict:
+    """A zero-shot number does not depend on the shots: the same value in every shots column."""
+    return {d: dict.fromkeys(ALL_SHOTS, acc) for d, acc in per_dataset.items()}
+
+
+def _per_shots(per_method: dict[str, tuple], dataset: str, source: str) -> list[Published]:
+    return [Published(method, "rn50", source, {dataset: dict(zip(ALL_SHOTS, values))})
+            for method, values in per_method.items()]
+
+
 _AVERAGE_RN50 = {
     "coop": (59.80, 62.21, 66.84, 70.05, 73.45),
     "clip_adapter": (62.67, 65.55, 68.61, 71.40, 74.44),
@@ -49,29 +86,46 @@ _AVERAGE_RN50 = {
     "gda": (62.19, 66.19, 69.77, 73.31, 76.05),
     "ape_t": (67.23, 69.43, 72.25, 74.47, 77.28),
 }
+_IMAGENET_RN50_CAFO = {
+    "linear_probe": (22.17, 31.90, 41.20, 49.52, 56.13),
+    "coop": (57.15, 57.81, 59.99, 61.56, 62.95),
+    "clip_adapter": (61.20, 61.52, 61.84, 62.68, 63.59),
+    "vt_clip": (60.53, 61.29, 62.02, 62.81, 63.92),
+    "tip_adapter_f": (61.32, 61.69, 62.52, 64.00, 65.51),
+    "calip_fs": (61.35, 62.03, 63.13, 64.11, 65.81),
+}
 _ZERO_SHOT_RN50 = dict(zip(BENCHMARK, (58.18, 86.29, 85.77, 55.61, 66.14, 77.31, 17.28, 58.52, 42.32, 37.56, 61.46)))
+_CALIP_RN50 = dict(zip(BENCHMARK, (60.57, 87.71, 86.21, 56.27, 66.38, 77.42, 17.76, 58.59, 42.39, 38.90, 61.72)))
 _TIP_ADAPTER_F_16_RN50 = dict(zip(BENCHMARK, (65.51, 92.86, 89.70, 75.74, 94.80, 79.43, 35.55, 71.47, 66.55, 84.54,
                                               78.03)))
-PUBLISHED: dict[tuple[str, str], dict[str, dict[int, float]]] = {
-    **{(method, "rn50"): {AVERAGE: dict(zip(ALL_SHOTS, values))} for method, values in _AVERAGE_RN50.items()},
-    ("zero_shot", "rn50"): {AVERAGE: dict.fromkeys(ALL_SHOTS, 58.77),
-                            **{d: dict.fromkeys(ALL_SHOTS, acc) for d, acc in _ZERO_SHOT_RN50.items()}},
-    ("linear_probe", "rn50"): {AVERAGE: {16: 71.10}},
-    ("zero_shot", "vit_b16"): {AVERAGE: dict.fromkeys(ALL_SHOTS, 64.8)},
-    ("coop", "vit_b16"): {AVERAGE: {16: 79.9}},
-    ("promptsrc", "vit_b16"): {AVERAGE: {16: 82.9}},
-    ("clip_lora", "vit_b16"): {AVERAGE: {16: 83.1}},
-    ("gallop", "vit_b16"): {AVERAGE: {16: 84.4}},
-}
-PUBLISHED[("tip_adapter_f", "rn50")].update({d: {16: acc} for d, acc in _TIP_ADAPTER_F_16_RN50.items()})
+PUBLISHED: list[Published] = [
+    *_per_shots(_AVERAGE_RN50, AVERAGE, "protocol"),
+    Published("linear_probe", "rn50", "protocol", {AVERAGE: {16: 71.10}}),
+    Published("zero_shot", "rn50", "coop", _zero_shot({**_ZERO_SHOT_RN50, AVERAGE: 58.77})),
+    Published("tip_adapter_f", "rn50", "tip", {d: {16: acc} for d, acc in _TIP_ADAPTER_F_16_RN50.items()}),
+    Published("calip", "rn50", "calip", _zero_shot({**_CALIP_RN50, AVERAGE: 59.45})),
+    *_per_shots(_IMAGENET_RN50_CAFO, "imagenet", "cafo"),
+    Published("zero_shot", "rn50", "cafo_zero_shot", _zero_shot({"imagenet": 60.33})),
+    Published("zero_shot", "vit_b16", "vit", {AVERAGE: dict.fromkeys(ALL_SHOTS, 64.8)}),
+    *(Published(method, "vit_b16", "vit", {AVERAGE: {16: acc}})
+      for method, acc in (("coop", 79.9), ("promptsrc", 82.9), ("clip_lora", 83.1), ("gallop", 84.4))),
+]
 # Base-to-new (ViT-B/16, 16 shots, 11-dataset average): base, new, H.
 PUBLISHED_BASE_TO_NEW = {("zero_shot", "vit_b16"): (69.34, 74.22, 71.70), ("coop", "vit_b16"): (82.69, 63.22, 71.66),
                          ("cocoop", "vit_b16"): (80.47, 71.69, 75.83)}
+BASE_TO_NEW_SOURCE = "cocoop"
+
+
+def published(method: str, backbone: str, dataset: str, shots: int) -> tuple[tuple[float, str], ...]:
+    """Every published (accuracy, source) for one cell of the tables, in the order of PUBLISHED."""
+    return tuple((table.values[dataset][shots], table.source) for table in PUBLISHED
+                 if (table.method, table.backbone) == (method, backbone) and shots in table.values.get(dataset, {}))
+
 
 # Settings that differ between seeds by design (never a sign of two experiments mixed).
 PER_SEED = {"seed", "run_name", "protocol.seed", "protocol.draw_hash", "shots", "protocol.shots"}
 HEADLINE = ("protocol.task", "protocol.val_policy", "protocol.selection", "protocol.leaky", "protocol.method_fidelity")
-B2N = ("test/base_acc", "test/new_acc", "test/h")
+B2N = ("base/acc", "new/acc", "H")  # as protocols.summary writes them
 
 
 class ReportError(Exception):
@@ -101,17 +155,26 @@ class Series:
     backbone: str
     variant: tuple  # ((setting, value), ...) that tells it apart from other series of the same method/backbone
     cells: dict = field(default_factory=dict)  # (dataset, shots, seed) -> Cell
+    task: str = "few_shot"  # protocol.task: a series per task, named by it unless it is the default few-shot
 
     @property
     def name(self) -> str:
-        if not self.variant:
+        shown = ([("protocol.task", json.dumps(self.task))] if self.task != "few_shot" else []) + list(self.variant)
+        if not shown:
             return self.method
-        return f"{self.method} [{', '.join(f'{k}={_short(v)}' for k, v in self.variant)}]"
+        return f"{self.method} [{', '.join(f'{k}={_short(v)}' for k, v in shown)}]"
 
     @property
     def base_to_new(self) -> bool:
         """Runs of the base-to-new protocol: reported as base / new / H, not as one accuracy."""
         return any(all(isinstance(c.metrics.get(m), (int, float)) for m in B2N[:2]) for c in self.cells.values())
+
+    @property
+    def from_features_file(self) -> bool:
+        """Runs on a features file: their backbone is whatever made the file, never one with published numbers."""
+        return any(c.backbone.startswith("features:") or
+                   (c.metrics.get("config") or {}).get("dataset", {}).get("kind") == "features"
+                   for c in self.cells.values())
 
     @property
     def leaky(self) -> bool:
@@ -166,12 +229,14 @@ def load_cells(folders: list[Path]) -> list[Cell]:
 
 
 def group_series(cells: list[Cell]) -> list[Series]:
-    """Split cells into series: a setting varying within one (method, backbone, dataset, shots) is a variant."""
+    """Split cells into series: one per protocol task (base-to-new is reported as base / new / H), and within it a
+    setting varying within one (method, backbone, dataset, shots) is a variant."""
     by_pair: dict[tuple, list[Cell]] = defaultdict(list)
     for cell in cells:
-        by_pair[(cell.method, cell.backbone)].append(cell)
+        by_pair[(cell.method, cell.backbone, json.loads(cell.settings.get("protocol.task", '"few_shot"')))].append(cell)
     series: list[Series] = []
-    for (method, backbone), pair_cells in sorted(by_pair.items()):
+    few_shot_first = lambda item: (*item[0][:2], item[0][2] != "few_shot", item[0][2])  # noqa: E731
+    for (method, backbone, task), pair_cells in sorted(by_pair.items(), key=few_shot_first):
         groups: dict[tuple, list[Cell]] = defaultdict(list)
         for cell in pair_cells:
             groups[(cell.dataset, cell.shots)].append(cell)
@@ -184,7 +249,7 @@ def group_series(cells: list[Cell]) -> list[Series]:
         for cell in pair_cells:
             values = tuple((k, cell.settings.get(k, "null")) for k in variant_keys)
             shown = tuple((k, v) for k, v in values if v != common[k])
-            one = by_variant.setdefault(values, Series(method, backbone, shown))
+            one = by_variant.setdefault(values, Series(method, backbone, shown, task=task))
             one.cells[(cell.dataset, cell.shots, cell.seed)] = cell
         series.extend(sorted(by_variant.values(), key=lambda one: one.variant))
     return series
@@ -209,36 +274,60 @@ class Grid:
                    sorted(shots or {c.shots for c in cells}), sorted(seeds or {c.seed for c in cells}))
 
 
+class Footnotes:
+    """The sources of the published numbers in one table: a mark each, in order of first use, listed under it."""
+
+    MARKS = "ᵃᵇᶜᵈᵉᶠᵍʰ"
+
+    def __init__(self):
+        self.used: list[str] = []
+
+    def mark(self, source: str) -> str:
+        if source not in self.used:
+            self.used.append(source)
+        return self.MARKS[self.used.index(source)]
+
+    def legend(self) -> list[str]:
+        if not self.used:
+            return []
+        return ["Published, in brackets: " + "; ".join(f"{self.MARKS[i]} {SOURCES[source]}"
+                                                       for i, source in enumerate(self.used)) + ".", ""]
+
+
 @dataclass
 class Stat:
     mean: float | None
     std: float | None  # sample std over seeds (ddof=1); None with fewer than 2 seeds
     n: int  # seeds (or datasets, for the average) that went into the mean
     of: int  # how many were expected
-    published: float | None = None
+    published: tuple = ()  # ((accuracy, source), ...)
 
-    def text(self, digits: int = 2) -> str:
+    def text(self, footnotes: Footnotes | None = None, digits: int = 2) -> str:
         if self.mean is None:
             return "–"
         text = f"{self.mean:.{digits}f}" + ("" if self.std is None else f" ± {self.std:.{digits}f}")
         if self.n < self.of:
             text += f" ({self.n}/{self.of})"
-        if self.published is not None:
-            text += f" [{self.published:.2f}]"
+        if self.published:
+            sources: dict[float, list[str]] = defaultdict(list)  # one value from two sources is shown once
+            for value, source in self.published:
+                sources[value].append(source)
+            marks = lambda names: "".join(footnotes.mark(s) for s in names) if footnotes else ""  # noqa: E731
+            text += " [" + " ".join(f"{value:.2f}{marks(names)}" for value, names in sources.items()) + "]"
         return text
 
 
-def _stat(values: list[float], of: int, published: float | None = None) -> Stat:
+def _stat(values: list[float], of: int, published: tuple = ()) -> Stat:
     if not values:
         return Stat(None, None, 0, of, published)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return Stat(float(np.mean(values)), std, len(values), of, published)
 
 
-def _published(series: Series, dataset: str, shots: int, metric: str) -> float | None:
-    if metric != "test/acc":
-        return None
-    return PUBLISHED.get((series.method, series.backbone), {}).get(dataset, {}).get(shots)
+def _published(series: Series, dataset: str, shots: int, metric: str) -> tuple:
+    if metric != "test/acc" or series.from_features_file:
+        return ()
+    return published(series.method, series.backbone, dataset, shots)
 
 
 def dataset_stat(series: Series, grid: Grid, metric: str, dataset: str, shots: int) -> Stat:
@@ -308,17 +397,19 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple[str, list[list], list[list], dict]:
-    """Markdown text, the CSV rows of the accuracy tables and of base-to-new, and headline numbers for W&B."""
+def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple[str, dict[str, list[list]], dict]:
+    """Markdown text, the CSV rows by table (accuracy, the published numbers shown beside it, base-to-new), and
+    headline numbers for W&B."""
     seeds = ",".join(map(str, grid.seeds))
     out = ["# Results", "",
            f"From {', '.join(str(s) for s in sources)}. Cells: mean ± sample std over seeds {seeds}; "
-           f"(n/{len(grid.seeds)}): seeds present; –: no run; [x]: published (specs/protocol.md). Average: over the "
+           f"(n/{len(grid.seeds)}): seeds present; –: no run; [x]: published, its source under the table. Average: over the "
            f"{len(grid.average_over)} {'benchmark ' if grid.average_over == list(BENCHMARK) else ''}"
            f"dataset{'s' * (len(grid.average_over) > 1)}, "
            f"(k/{len(grid.average_over)}) when some are missing (not comparable with a published average). "
            "`missing`: runs of the row's grid (shots x seeds) with no result.", ""]
     acc_rows: list[list] = []
+    published_rows: list[list] = []
     b2n_rows: list[list] = []
     summary: dict = {}
     for one in series:
@@ -329,22 +420,26 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
                 f"protocol: {headline}" if headline else "protocol: (not recorded)", ""]
         if has_acc:
             header = ["dataset", *(f"{k} shot{'s' * (k > 1)}" for k in grid.shots), "missing"]
-            rows = []
-            for dataset in grid.datasets:
-                stats = [dataset_stat(one, grid, "test/acc", dataset, k) for k in grid.shots]
-                missing = missing_runs(one, grid, "test/acc", dataset)
-                rows.append([dataset, *(s.text() for s in stats), f"{missing}/{len(grid.shots) * len(grid.seeds)}"])
-                acc_rows += [[one.method, one.backbone, one.name, dataset, k, s.mean, s.std, s.n, s.of, s.published]
+            rows, footnotes = [], Footnotes()
+            for dataset in [*grid.datasets, AVERAGE]:
+                if dataset == AVERAGE:
+                    stats = [average_stat(one, grid, "test/acc", k) for k in grid.shots]
+                    rows.append([f"**average ({len(grid.average_over)})**",
+                                 *(f"**{s.text(footnotes)}**" for s in stats), ""])
+                    summary.update({f"{one.backbone}/{one.name}/average/{k}shot": s.mean
+                                    for k, s in zip(grid.shots, stats) if s.mean is not None and s.n == s.of})
+                else:
+                    stats = [dataset_stat(one, grid, "test/acc", dataset, k) for k in grid.shots]
+                    missing = f"{missing_runs(one, grid, 'test/acc', dataset)}/{len(grid.shots) * len(grid.seeds)}"
+                    rows.append([dataset, *(s.text(footnotes) for s in stats), missing])
+                acc_rows += [[one.method, one.backbone, one.name, dataset, k, s.mean, s.std, s.n, s.of]
                              for k, s in zip(grid.shots, stats)]
-            averages = [average_stat(one, grid, "test/acc", k) for k in grid.shots]
-            rows.append([f"**average ({len(grid.average_over)})**", *(f"**{s.text()}**" for s in averages), ""])
-            acc_rows += [[one.method, one.backbone, one.name, AVERAGE, k, s.mean, s.std, s.n, s.of, s.published]
-                         for k, s in zip(grid.shots, averages)]
-            summary.update({f"{one.backbone}/{one.name}/average/{k}shot": s.mean for k, s in zip(grid.shots, averages)
-                            if s.mean is not None and s.n == s.of})
-            out += [_markdown_table(header, rows), ""]
+                published_rows += [[one.method, one.backbone, one.name, dataset, k, value, SOURCES[source]]
+                                   for k, s in zip(grid.shots, stats) if s.mean is not None
+                                   for value, source in s.published]
+            out += [_markdown_table(header, rows), "", *footnotes.legend()]
         if has_b2n:
-            published = PUBLISHED_BASE_TO_NEW.get((one.method, one.backbone))
+            published = None if one.from_features_file else PUBLISHED_BASE_TO_NEW.get((one.method, one.backbone))
             shots = [k for k in grid.shots if any(one.values(B2N[0], d, k) for d in grid.datasets)]
             header = ["dataset", *(f"{k}-shot {m}" for k in shots for m in ("base", "new", "H"))]
             rows = []
@@ -356,14 +451,18 @@ def build_report(series: list[Series], grid: Grid, sources: list[Path]) -> tuple
                              for k, triple in zip(shots, triples)]
             out += ["base-to-new (H of the mean base and new accuracy):", "", _markdown_table(header, rows), ""]
             if published:
-                out += [f"published (ViT-B/16, 16 shots, average): base {published[0]}, new {published[1]}, "
+                out += [f"published ({SOURCES[BASE_TO_NEW_SOURCE]}): base {published[0]}, new {published[1]}, "
                         f"H {published[2]}", ""]
         out += [f"- {note}" for note in notes] + ([""] if notes else [])
-    return "\n".join(out), acc_rows, b2n_rows, summary
+    tables = {"results": acc_rows, "published": published_rows, "base_to_new": b2n_rows}
+    return "\n".join(out), tables, summary
 
 
-ACC_COLUMNS = ["method", "backbone", "series", "dataset", "shots", "mean", "std", "n", "of", "published"]
-B2N_COLUMNS = ["method", "backbone", "series", "dataset", "shots", "base", "new", "h"]
+COLUMNS = {
+    "results": ["method", "backbone", "series", "dataset", "shots", "mean", "std", "n", "of"],
+    "published": ["method", "backbone", "series", "dataset", "shots", "published", "source"],
+    "base_to_new": ["method", "backbone", "series", "dataset", "shots", "base", "new", "h"],
+}
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -417,7 +516,7 @@ def plot_accuracy_vs_shots(series: list[Series], grid: Grid, backbone: str, path
             if points:
                 ax.errorbar([k for k, _ in points], [s.mean for _, s in points], yerr=[s.std or 0 for _, s in points],
                             marker="o", markersize=3, capsize=2, color=color, label=one.name)
-            published = [(k, s.published) for k, s in zip(grid.shots, stats) if s.published is not None]
+            published = [(k, value) for k, s in zip(grid.shots, stats) for value, _ in s.published]
             if published:
                 ax.plot(*zip(*published), "x", color=color, markersize=6)
         ax.set_title(f"{AVERAGE} ({len(grid.average_over)})" if dataset == AVERAGE else dataset, fontsize=9)
@@ -463,34 +562,34 @@ def write_report(folders: list[Path], out: Path, shots: list[int] | None = None,
                           "(python -m clipadapt.train -m +sweep=grid method=...)")
     grid = Grid.of(cells, shots, seeds)
     series = group_series(cells)
-    markdown, acc_rows, b2n_rows, summary = build_report(series, grid, folders)
+    markdown, tables, summary = build_report(series, grid, folders)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"report.md": out / "report.md", "results.csv": out / "results.csv"}
+    files = {"report.md": out / "report.md"}
     _write_atomic(files["report.md"], lambda tmp: tmp.write_text(markdown))
-    _write_csv(files["results.csv"], ACC_COLUMNS, acc_rows)
-    if b2n_rows:
-        files["base_to_new.csv"] = out / "base_to_new.csv"
-        _write_csv(files["base_to_new.csv"], B2N_COLUMNS, b2n_rows)
+    tables = {name: rows for name, rows in tables.items() if rows or name == "results"}
+    for name, rows in tables.items():
+        files[f"{name}.csv"] = out / f"{name}.csv"
+        _write_csv(files[f"{name}.csv"], COLUMNS[name], rows)
     for backbone in sorted({s.backbone for s in series}) if plots else []:
         mine = [s for s in series if s.backbone == backbone]
+        in_name = backbone.replace(":", "-")  # features:<stem>: no colon in a file name
         if any(s.values("test/acc", d, k) for s in mine if not s.base_to_new
                for d in grid.datasets for k in grid.shots):
-            name = f"accuracy_vs_shots_{backbone}.png"
+            name = f"accuracy_vs_shots_{in_name}.png"
             files[name] = out / name
             plot_accuracy_vs_shots(mine, grid, backbone, files[name])
         for k in grid.shots:
             if any(s.values(B2N[0], d, k) for s in mine if s.base_to_new for d in grid.datasets):
-                name = f"base_to_new_{backbone}_{k}shot.png"
+                name = f"base_to_new_{in_name}_{k}shot.png"
                 files[name] = out / name
                 plot_base_to_new(mine, grid, backbone, k, files[name])
     if wandb_cfg is not None:
         from clipadapt.tracking import log_report_run
 
         images = {name.removesuffix(".png"): path for name, path in files.items() if name.endswith(".png")}
-        tables = {"results": (ACC_COLUMNS, acc_rows), **({"base_to_new": (B2N_COLUMNS, b2n_rows)} if b2n_rows else {})}
         log_report_run(wandb_cfg, "report", {"sweeps": [str(f) for f in folders], "seeds": grid.seeds,
                                              "shots": grid.shots, "cells": len(cells)},
-                       out, tables, images, summary, markdown)
+                       out, {name: (COLUMNS[name], rows) for name, rows in tables.items()}, images, summary, markdown)
     log.info("report of %d runs (%d series) written to %s", len(cells), len(series), out)
     return files
 
