@@ -100,6 +100,7 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
 class Calip(Method):
     Config = CalipSchema
     needs_dense = True
+    tuned = ("beta2", "beta3")
     uses_augmented_views = False  # training-free: only the val draw (search) and the test set are read
 
     def __init__(self, cfg, task):

@@ -107,6 +107,8 @@ def learn_visual_concepts(text: torch.Tensor, pool: torch.Tensor, pool_labels: t
         raise ValueError(f"method.selection_score={score!r}: use softmax or raw")
     if aggregate not in ("weighted", "mean", "none"):
         raise ValueError(f"method.aggregate={aggregate!r}: use weighted, mean or none")
+    if len(pool) == 0:  # a model rebuilt for re-evaluation (clipadapt.evaluate): its concepts are in the saved state
+        return VisualConcepts(pool, pool_labels, pool.new_zeros(0, dtype=torch.long), pool.new_zeros(0, 1, dtype=torch.long))
     affinity = text @ pool.t()  # [M, P]
     # distinctiveness: how much more this pool item looks like concept j than like any other concept
     selection = torch.softmax(LOGIT_SCALE * affinity, dim=0) if score == "softmax" else affinity
@@ -163,6 +165,7 @@ def concept_words(cfg: ConceptSchema, targets: list[str]) -> list[str]:
 @register_method("ccli")
 class CCLI(Method):
     Config = CCLISchema
+    tuned = ("alpha", "beta", "gamma")
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)

@@ -170,7 +170,7 @@ class AnchorPrompts(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("frozen", embeddings, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.register_buffer("initial", initial.to(embeddings), persistent=False)
+        self.register_buffer("initial", initial.to(embeddings), persistent=init == "random")  # random: saved
         self.offset = nn.Parameter(torch.zeros_like(initial, device=embeddings.device), requires_grad=learnable)
 
     def __len__(self) -> int:
@@ -190,6 +190,7 @@ class AnchorPrompts(nn.Module):
 @register_method("rtos")
 class RTOS(Method):
     Config = RTOSSchema
+    tuned = ("alpha", "anchor_names")
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
@@ -206,9 +207,7 @@ class RTOS(Method):
         else:
             names = anchor_vocabulary(cfg.anchors, task.classnames)
         self.anchor_names = names
-        lr_scale = cfg.anchors.lr / cfg.train.lr if cfg.train.lr > 0 else 1.0
-        self.anchors = AnchorPrompts(self.encoder, names, cfg.anchors.template, cfg.anchors.init,
-                                     cfg.anchors.init_std, lr_scale, cfg.anchors.learnable).to(task.device)
+        self.anchors = self._anchor_prompts(names)
         log.info("rtos: %d anchors (%s), %d learnable tokens of width %d", len(names), cfg.anchors.init,
                  int(self.anchors.mask.sum()), self.encoder.width)
 
@@ -233,6 +232,18 @@ class RTOS(Method):
         self._frozen_state: tuple | None = None  # (version key, keys, relation) while evaluating
 
     # ----------------------------------------------------------------- anchors and relation
+    def _anchor_prompts(self, names: list[str]) -> AnchorPrompts:
+        anchors, lr = self.cfg.anchors, self.cfg.train.lr
+        return AnchorPrompts(self.encoder, names, anchors.template, anchors.init, anchors.init_std,
+                             anchors.lr / lr if lr > 0 else 1.0, anchors.learnable).to(self.text.device)
+
+    def set_extra_state(self, state: dict) -> None:
+        """A saved model keeps its anchors, whatever the vocabulary on disk holds now (datasets prepared since)."""
+        if state["anchor_names"] != self.anchor_names:
+            self.anchors = self._anchor_prompts(state["anchor_names"])
+            self._fixed_anchors = None
+        super().set_extra_state(state)
+
     def anchor_features(self) -> torch.Tensor:
         """A [M, D]: all anchor prompts through the frozen text tower in one pass (once, if the anchors are fixed)."""
         if self.anchors.offset.requires_grad:

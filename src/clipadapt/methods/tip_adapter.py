@@ -43,6 +43,7 @@ class TipAdapterFSchema(TipAdapterSchema):
 class TipAdapter(Method):
     Config = TipAdapterSchema
     learnable_keys = False
+    tuned = ("alpha", "beta")
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)

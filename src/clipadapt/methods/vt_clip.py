@@ -102,6 +102,7 @@ class VisualGuidedBlock(nn.Module):
 class VTClip(Method):
     Config = VTClipSchema
     needs_dense = True
+    tuned = ("alpha",)  # a float; learnable, it is a parameter
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)

@@ -1,0 +1,109 @@
+"""Saved models: every method's trained state round-trips exactly, and `python -m clipadapt.evaluate RUN_DIR`
+re-evaluates a run (same test/acc), scores another dataset, and refuses a folder without a state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dataset_trees as trees
+from clipadapt import protocols, trained_state
+from clipadapt.engine import accuracy, fit, predict
+from clipadapt.evaluate import main
+from clipadapt.methods import METHODS, build_method
+from clipadapt.methods.base import method_config
+from clipadapt.run import few_shot_task, image_task_data, no_features, run
+from conftest import TINY, compose_config
+
+QUICK = ["shots=2", "++method.train.epochs=1"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_saved_state_gives_the_same_logits_without_the_train_features(tiny_config, tmp_path, name):
+    """Train, tune, save; rebuild on an EMPTY train set under another seed, load: bit-identical test logits."""
+    extra = ["protocol.task=base_to_new", "++method.generator.train.epochs=1"] if name == "ship" else []
+    cfg = tiny_config(f"method={name}", *QUICK, *extra)
+    needs_dense = METHODS[name].needs_dense
+    plan = protocols.setup(cfg, image_task_data(cfg, needs_dense, torch.device("cpu")))
+    task = few_shot_task(cfg, plan, torch.device("cpu"))
+    torch.manual_seed(0)
+    method = build_method(cfg.method, task)
+    method.setup()
+    fit(method, task.train, seed=1)
+    method.tune(task.val)
+    trained_state.write(trained_state.snapshot(method), tmp_path / "model.safetensors")
+    expected = predict(method, plan.data.test)
+
+    torch.manual_seed(1)  # any random initialisation is overwritten by the state
+    rebuilt = build_method(method_config(cfg.method), replace(task, train=no_features(task.text.shape[1]), val=None))
+    trained_state.restore(rebuilt, trained_state.read(tmp_path / "model.safetensors"))
+    assert torch.equal(predict(rebuilt, plan.data.test), expected)
+
+
+def test_the_state_file_leaves_the_text_tower_out(tiny_config, tmp_path):
+    run(tiny_config("method=coop", *QUICK), tmp_path)
+    state = trained_state.read(tmp_path / trained_state.STATE_FILE)
+    assert set(state.tensors) == {"text", "ctx"}  # CoOp's learned context and its classifier, not CLIP's weights
+
+
+@pytest.mark.parametrize("name", ["tip_adapter_f", "coop", "clip_adapter", "linear_probe", "calip"])
+def test_evaluate_prints_the_runs_test_accuracy(tiny_config, tmp_path, capsys, name):
+    metrics = run(tiny_config(f"method={name}", *QUICK), tmp_path)
+    capsys.readouterr()
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"test/acc {metrics['test/acc']!r}  (as in metrics.json)" in printed
+
+
+def test_the_cli_re_evaluates_a_tuned_tip_adapter(tiny_config, tmp_path):
+    metrics = run(tiny_config("method=tip_adapter", "shots=2"), tmp_path)
+    assert metrics["chosen"]["beta"] != 1.0  # tuned: the state must carry alpha and beta to reproduce test/acc
+    result = subprocess.run([sys.executable, "-m", "clipadapt.evaluate", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"test/acc {metrics['test/acc']!r}  (as in metrics.json)" in result.stdout.splitlines()
+
+
+def test_evaluate_scores_another_dataset_retargeted(tmp_path, capsys):
+    """A few-shot synthetic run scored on dtd's test set: Tip-Adapter's cache holds none of dtd's classes, so on
+    them it is zero-shot CLIP with dtd's prompts, as in a cross_dataset run."""
+    cfg = compose_config([*TINY, "method=tip_adapter_f", *QUICK], tmp_path)
+    trees.build(Path(cfg.paths.data_root), "dtd")
+    metrics = run(cfg, tmp_path / "run")
+    capsys.readouterr()
+    assert main([str(tmp_path / "run"), "dataset=dtd"]) == 0
+    printed = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    target = image_task_data(cfg, False, torch.device("cpu"), with_draw=False).load_target("dtd")
+    zero_shot = torch.tensor(np.asarray(target.test.image[:, 0], dtype=np.float32)) @ torch.tensor(target.text).float().t()
+    assert float(printed["dtd/acc"]) == pytest.approx(100 * accuracy(zero_shot, target.test.labels))
+    assert float(printed["test/acc"]) == metrics["test/acc"]  # the run's own test set comes first, unchanged
+
+
+def test_evaluate_scores_an_imagenet_variant_in_imagenets_label_space(tmp_path, capsys):
+    cfg = compose_config(["backbone=tiny", "dataset=imagenet", "logger=none", "features.num_workers=0",
+                          "method=zero_shot", "shots=1"], tmp_path)
+    for name in ("imagenet", "imagenet_a"):
+        trees.build(Path(cfg.paths.data_root), name)
+    run(cfg, tmp_path / "run")
+    capsys.readouterr()
+    assert main([str(tmp_path / "run"), "dataset=imagenet_a"]) == 0
+    assert any(line.startswith("imagenet_a/acc ") for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_folder_without_a_saved_state_exits_2_in_one_line(tiny_config, tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "holds no metrics.json" in capsys.readouterr().err
+    run(tiny_config("method=zero_shot", "shots=1"), tmp_path)
+    (tmp_path / trained_state.STATE_FILE).unlink()
+    capsys.readouterr()
+    assert main([str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "has no saved state" in error and len(error.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "zero_shot"
