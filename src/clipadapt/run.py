@@ -25,7 +25,7 @@ from clipadapt.engine import fit
 from clipadapt.features import FeatureExtractor, FeatureSet, View, backbone_key
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import method_config
-from clipadapt.tracking import make_logger
+from clipadapt.tracking import make_logger, provenance_record
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     timings["features_s"] = time.perf_counter() - start
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = make_logger(cfg.logger, resolved, output_dir)
+    made_by = provenance_record(device)  # commit, versions, device, host: in metrics.json and the W&B config
+    logger = make_logger(cfg.logger, {**resolved, "provenance": made_by}, output_dir)
     failed = True
     try:
         trained = plan.data  # in the training label space (base classes for base-to-new)
@@ -222,6 +223,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             "protocol": {**protocol_flags(cfg, method_cfg, data), **plan.record},
             "draw": data.provenance.get("draw"),
             "timings": timings,
+            "provenance": made_by,
             "config": resolved,
         }
         if cfg.save_logits:  # temp file + rename, like metrics.json
