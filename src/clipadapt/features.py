@@ -6,7 +6,7 @@ backbone and weights, preprocessing, view, kind, format version) and immutable s
 is either complete or absent. A run that needs images the entry lacks computes only those, under a file lock, so
 concurrent sweep jobs do not duplicate or corrupt work: one computes, the others wait and reuse.
 
-Arrays are [N, V, D] (global) or [N, V, M, D] (dense); V is the number of views (1 for the plain view, the
+Arrays are [N, V, D] (global: CLIP's raw output) or [N, V, M, D] (dense: unit rows); V is the number of views (1 for the plain view, the
 augmented views for training). Reads are memory-mapped, so a test set larger than RAM can be streamed.
 """
 
@@ -30,9 +30,30 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
-# Part of every augmented entry's key: change the augmentation, change this text.
-AUGMENTATION = "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5), seeded per (path, view)"
+# 2: global image features are CLIP's raw output (Tip-Adapter's cache keys average raw views); dense tokens and
+# class texts stay L2-normalised. Readers normalise what they need (`unit_rows`).
+CACHE_FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A reference's train views: RandomResizedCrop to the model's input size (`scale`, bicubic) + horizontal flip,
+    then the model's own normalisation. Its description is part of every augmented cache entry's key."""
+
+    scale: tuple[float, float]
+    source: str
+
+    @property
+    def description(self) -> str:
+        low, high = self.scale
+        return f"RandomResizedCrop(scale=({low:g}, {high:g}), bicubic) + RandomHorizontalFlip(0.5), seeded per (path, view)"
+
+
+AUGMENTATIONS = {
+    "tip": Augmentation((0.5, 1.0), "Tip-Adapter main.py train_tranform (SHIP's released code copies it)"),
+    # Dassl's random_resized_crop + random_flip: INPUT.RRCROP_SCALE's default, CoOp's configs' INTERPOLATION bicubic
+    "dassl": Augmentation((0.08, 1.0), "Dassl transforms.py with CoOp's configs/trainers"),
+}
 
 
 def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -106,10 +127,15 @@ class View:
     name: str  # "plain" | "augment"
     count: int = 1
     seed: int = 0
+    recipe: str = "tip"  # augment: a key of AUGMENTATIONS (the method's reference recipe)
+
+    def __post_init__(self):
+        if self.name == "augment" and self.recipe not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation recipe {self.recipe!r}: use one of {sorted(AUGMENTATIONS)}")
 
     @property
     def tag(self) -> str:
-        return "plain" if self.name == "plain" else f"augment{self.count}x-s{self.seed}"
+        return "plain" if self.name == "plain" else f"augment{self.count}x-{self.recipe}-s{self.seed}"
 
 
 def _digest(payload: object, length: int = 16) -> str:
@@ -194,8 +220,8 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
         tmp.replace(final)
     except BaseException as error:  # noqa: BLE001 - Ctrl-C and failures alike: remove the partial write, re-raise
         _remove(tmp)
-        if isinstance(error, OSError):
-            reason = error.strerror or str(error)
+        if isinstance(error, OSError):  # numpy's short write on a full disk has no errno: say what is free
+            reason = f"{error.strerror or error}; {shutil.disk_usage(final.parent).free / 1e6:.1f} MB free there"
             raise CacheError(f"could not write {final} ({reason}): free space on that disk, or set paths.cache_dir "
                              f"to another one") from error
         raise
@@ -315,22 +341,28 @@ class _ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         path, view_index = self.paths[index // self.view.count], index % self.view.count
-        with Image.open(self.root / path) as image:
-            image = image.convert("RGB")
-            if self.view.name == "plain":
-                return self.plain(image)
-            seed = int(_digest([path, view_index, self.view.seed], 8), 16)
-            torch.manual_seed(seed)
-            return self.augment(image)
+        try:
+            with Image.open(self.root / path) as image:
+                image = image.convert("RGB")  # decodes the whole file: a corrupt one fails here
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: unidentified, truncated, broken chunks
+            from clipadapt.data.registry import ImageReadError
+
+            raise ImageReadError(f"image {self.root / path} cannot be decoded ({error}): replace or remove it") from error
+        if self.view.name == "plain":
+            return self.plain(image)
+        seed = int(_digest([path, view_index, self.view.seed], 8), 16)
+        torch.manual_seed(seed)
+        return self.augment(image)
 
 
-def augmentation_for(preprocess, image_size: int):
-    """Tip-Adapter's train views: random-resized-crop (scale 0.5-1, bicubic) + flip, with the model's normalisation."""
+def augmentation_for(preprocess, image_size: int, recipe: str = "tip"):
+    """A recipe's train views (AUGMENTATIONS) as torchvision transforms, with the model's normalisation."""
     from torchvision import transforms
 
     normalize = next(t for t in preprocess.transforms if isinstance(t, transforms.Normalize))
+    scale = AUGMENTATIONS[recipe].scale
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(image_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(p=0.5),
         transforms.ToTensor(),
         normalize,
@@ -360,7 +392,7 @@ class FeatureExtractor:
 
     def images(self, paths: Sequence[str], labels: Sequence[int], view: View, dense: bool = False) -> FeatureSet:
         """Global (and, if asked, dense) features of these images under `view`."""
-        extra = {"augmentation": AUGMENTATION} if view.name == "augment" else {}
+        extra = {"augmentation": AUGMENTATIONS[view.recipe].description} if view.name == "augment" else {}
         global_entry = self.entry(view.tag, "global", extra)
         dense_entry = self.entry(view.tag, f"dense-{self.backbone_key['dense']}", extra) if dense else None
         pending_dense: dict[str, np.ndarray] = {}
@@ -392,7 +424,8 @@ class FeatureExtractor:
         from tqdm import tqdm
 
         backbone = self.backbone
-        augment = augmentation_for(backbone.preprocess, backbone.image_size) if view.name == "augment" else None
+        augment = (augmentation_for(backbone.preprocess, backbone.image_size, view.recipe)
+                   if view.name == "augment" else None)
         loader = torch.utils.data.DataLoader(
             _ImageViews(self.image_root, paths, view, backbone.preprocess, augment),
             batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=backbone.device.type == "cuda",
