@@ -97,9 +97,10 @@ def test_one_training_step_changes_only_the_projections():
     fs = build("calip_fs", task, train={"epochs": 1, "batch_size": 10_000, "lr": 1.0, "warmup_epochs": 0})
     trainable = {name for name, p in fs.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(("phi.", "psi.")) for name in trainable)
-    before = {name: value.clone() for name, value in fs.state_dict().items()}
+    tensors = lambda: {name: v for name, v in fs.state_dict().items() if isinstance(v, torch.Tensor)}  # noqa: E731
+    before = {name: value.clone() for name, value in tensors().items()}
     assert len(fit(fs, task.train, seed=0)) == 1  # one epoch = one step at this batch size
-    changed = {name for name, value in fs.state_dict().items() if not torch.equal(value, before[name])}
+    changed = {name for name, value in tensors().items() if not torch.equal(value, before[name])}
     assert {"phi.text.query.weight", "phi.text.key.weight", "phi.text.value.weight", "psi.weight"} <= changed
     assert all(name.startswith(("phi.", "psi.")) for name in changed)
 
@@ -114,15 +115,24 @@ def test_search_picks_the_first_best_grid_pair_on_val():
                                                                torch.linspace(0, 2.0, 6).tolist()):
         scores.append((accuracy(predict(reference, task.val), task.val.labels), reference.beta2, reference.beta3))
     best = max(scores, key=lambda s: s[0])  # max() keeps the first of equal scores, as the search must
-    assert chosen["val_acc"] == pytest.approx(best[0]) == accuracy(predict(calip, task.val), task.val.labels)
-    assert (chosen["beta2"], chosen["beta3"]) == pytest.approx(best[1:])
-    assert chosen["val_acc"] >= scores[0][0]  # the grid holds (0, 0): never worse than zero-shot CLIP on val
+    assert chosen["val_acc"] == pytest.approx(100 * best[0])  # in percent, as test/acc
+    assert best[0] == accuracy(predict(calip, task.val), task.val.labels)
+    assert (chosen["beta2"], chosen["beta3"]) == pytest.approx(best[1:]) and chosen["beta_source"] == "search"
+    assert best[0] >= scores[0][0]  # the grid holds (0, 0): never worse than zero-shot CLIP on val
+    assert calip.test_tuned == ()
 
 
-def test_without_a_val_draw_the_configured_betas_stay():
+def test_without_a_val_set_the_record_says_the_search_did_not_run_and_what_was_used():
     task, _ = random_task(tokens=6)
-    chosen = build("calip", task, beta2=0.4, beta3=0.03).tune(None)
-    assert (chosen["beta2"], chosen["beta3"]) == (0.4, 0.03) and "skipped" in chosen["search"]
+    calip = build("calip", task, beta2=0.4, beta3=0.03)
+    chosen = calip.tune(None)
+    assert (chosen["beta2"], chosen["beta3"]) == (0.4, 0.03)
+    assert chosen["beta_source"] == "paper" and chosen["search"].startswith("did not run: no val set")
+    assert calip.test_tuned == ("method.beta2", "method.beta3")  # the configured betas are the paper's test-tuned ones
+    own = build("calip", task, beta2=0.4, beta3=0.03, betas_test_tuned=False)
+    assert own.tune(None)["beta_source"] == "configured" and own.test_tuned == ()
+    paper = build("calip_fs", task)
+    assert paper.tune(task.val)["search"] == "did not run: beta_source=paper" and paper.test_tuned
 
 
 @pytest.mark.parametrize("name", ["calip", "vt_clip"])
@@ -153,7 +163,7 @@ def test_test_set_search_is_the_named_leaky_mode(tiny_config, tmp_path):
     cfg = tiny_config("method=calip", "backbone=tiny_rn", "shots=1", "protocol.selection=test")
     leaky = run(cfg, tmp_path / "leaky")
     assert leaky["protocol"]["leaky"] is True and leaky["protocol"]["selection"] == "test"
-    assert 100 * leaky["chosen"]["val_acc"] == pytest.approx(leaky["test/acc"])  # the search saw the test set
+    assert leaky["chosen"]["val_acc"] == pytest.approx(leaky["test/acc"])  # the search saw the test set
 
 
 def test_calip_fs_runs_on_a_features_file_with_dense_features(tiny_config, tmp_path):
@@ -167,3 +177,6 @@ def test_calip_fs_runs_on_a_features_file_with_dense_features(tiny_config, tmp_p
                               "method.train.epochs=2"), tmp_path / "out")
     assert metrics["protocol"]["method_fidelity"] == "reconstructed" and len(metrics["train/loss_history"]) == 2
     assert metrics["num_test"] == len(test) and 0 <= metrics["test/acc"] <= 100
+    # the default beta_source=paper: the authors' test-tuned betas, so the run is flagged leaky and says why
+    assert metrics["chosen"]["beta_source"] == "paper" and metrics["protocol"]["leaky"] is True
+    assert metrics["protocol"]["test_tuned"] == ["method.beta2", "method.beta3"]

@@ -100,7 +100,9 @@ def test_a_run_on_a_miniature(tmp_path, name):
     classes = 6 if name == "imagenet" else 3
     assert len(metrics["draw"]["train"]) == 2 * classes
     assert metrics["num_test"] == (12 if name == "imagenet" else 6)
-    assert len(metrics["draw"]["val"]) == (0 if name == "imagenet" else 2 * classes)  # ImageNet: no val split
+    # ImageNet has no val split: its val draw takes the one train image per class that the 2-shot draw left
+    assert len(metrics["draw"]["val"]) == (classes if name == "imagenet" else 2 * classes)
+    assert metrics["protocol"]["val_source"] == ("train_outside_draw" if name == "imagenet" else "val_split_draw")
     assert metrics["protocol"]["split_hash"] and metrics["protocol"]["draw_hash"]
 
 
@@ -137,7 +139,7 @@ def test_missing_images_are_counted_and_named(tmp_path):
     for relative in gone:
         (tmp_path / "data" / "eurosat" / "2750" / relative).unlink()
     with pytest.raises(DatasetError, match=rf"eurosat: 2 listed images are missing .*{gone[1]}, {gone[0]}"):
-        run(config(tmp_path, "eurosat", "method=zero_shot", "shots=16"), tmp_path / "out")
+        run(config(tmp_path, "eurosat", "method=zero_shot", "shots=3"), tmp_path / "out")  # every train image
 
 
 def test_imagenet_class_folders_must_match_the_class_list(tmp_path):

@@ -90,7 +90,8 @@ def test_features_file_as_safetensors(tiny_config, tmp_path):
     save_file({"train_features": rng.normal(size=(8, 4)).astype(np.float32), "train_labels": np.repeat(np.arange(2), 4),
                "test_features": rng.normal(size=(6, 4)).astype(np.float32), "test_labels": np.repeat(np.arange(2), 3),
                "text_features": rng.normal(size=(2, 4)).astype(np.float32)}, str(tmp_path / "f.safetensors"))
-    metrics = run(tiny_config("dataset=features", f"dataset.path={tmp_path / 'f.safetensors'}", "method=zero_shot"), tmp_path)
+    metrics = run(tiny_config("dataset=features", f"dataset.path={tmp_path / 'f.safetensors'}", "method=zero_shot",
+                              "shots=4"), tmp_path)  # 4 train images per class
     assert metrics["num_test"] == 6
 
 

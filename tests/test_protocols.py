@@ -50,10 +50,10 @@ def test_base_to_new_zero_shot_matches_its_direct_computation(tiny_config, tmp_p
 def test_the_base_to_new_draw_is_the_few_shot_draw_of_the_base_classes(tiny_config):
     cfg = tiny_config("shots=4", "protocol.task=base_to_new")
     dataset = build_dataset(cfg.dataset, Path(cfg.paths.data_root))
-    drawn, source = protocols.draw(dataset.train, dataset.val, len(dataset.classnames), cfg)
+    drawn, record = protocols.draw(dataset.train, dataset.val, dataset.classnames, cfg)
     full = draw_few_shot(dataset.train, dataset.val, 4, cfg.seed)
     assert drawn.train == [i for i in full.train if i.label < 5] and drawn.val == [i for i in full.val if i.label < 5]
-    assert len(drawn.train) == 5 * 4 and source == "drawn"
+    assert len(drawn.train) == 5 * 4 and record["draw_source"] == "drawn" and record["val_source"] == "val_split_draw"
 
 
 def test_tip_adapter_on_new_classes_is_zero_shot(tiny_config, tmp_path):
@@ -116,7 +116,7 @@ def test_domain_generalisation_needs_imagenet_as_the_source(tmp_path):
 def test_an_unknown_task_is_refused(tiny_config):
     cfg = tiny_config("protocol.task=zero_to_hero")
     with pytest.raises(ValueError, match="unknown protocol.task 'zero_to_hero': use one of"):
-        protocols.draw([], [], 0, cfg)
+        protocols.draw([], [], [], cfg)
 
 
 def test_a_draw_can_be_imported(tiny_config, tmp_path):

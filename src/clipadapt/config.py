@@ -1,16 +1,39 @@
-"""Structured-config schemas: a misspelt key or a wrong type fails when Hydra composes the config.
+"""Structured-config schemas: a misspelt key or a wrong type fails when Hydra composes the config, and a value
+outside an option's choices or bounds fails at start (`check_options`), in one line naming what is allowed.
 
 The primary config (conf/config.yaml) extends `RunSchema`; each method validates its own node against the
-`Config` dataclass of its registered class (see methods/base.py), so adding a method needs no change here.
+`Config` dataclass of its registered class (see methods/base.py), so adding a method needs no change here. The
+choices and bounds sit on the fields themselves (`one_of`, `at_least`, `matching`), for method schemas as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An option outside its choices or bounds: one line naming the option and what it accepts."""
+
+
+def one_of(default: Any, *choices: Any) -> Any:
+    """A field that takes one of `choices` (None among them: may be null)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def at_least(default: int, minimum: int) -> Any:
+    return field(default=default, metadata={"minimum": minimum})
+
+
+def matching(default: str, pattern: str, shown: str) -> Any:
+    """A field whose value must fully match `pattern`; `shown` says what it accepts, for the error."""
+    return field(default=default, metadata={"pattern": pattern, "shown": shown})
 
 
 @dataclass
@@ -18,13 +41,14 @@ class BackboneSchema:
     name: str = MISSING  # short id used in run names and paths, e.g. rn50
     model: str = MISSING  # open_clip architecture, e.g. RN50, ViT-B-16
     pretrained: Optional[str] = None  # open_clip tag (openai), a local weights file, or null for random init
-    dense: str = "attention"  # ResNet dense tokens: attention (CALIP's official) | value (MaskCLIP)
+    dense: str = one_of("attention", "attention", "value")  # ResNet dense tokens: CALIP's official | MaskCLIP's
 
 
 @dataclass
 class DatasetSchema:
     name: str = MISSING  # registry key and id in paths
-    kind: str = MISSING  # reader: split_file | folder | synthetic | features | imagenet | fgvc_aircraft | imagenet_variant
+    kind: str = one_of(MISSING, "split_file", "folder", "synthetic", "features", "imagenet", "fgvc_aircraft",
+                       "imagenet_variant")  # the reader (clipadapt.data)
     root: str = ""  # folder under paths.data_root (or absolute)
     image_dir: str = ""  # images below root that split-file paths are relative to
     split_file: Optional[str] = None  # below root: the split file (imagenet and its variants: classnames.txt)
@@ -34,31 +58,31 @@ class DatasetSchema:
     template_sets: dict[str, list[str]] = field(default_factory=dict)
     draw_file: Optional[str] = None  # import the few-shot draw from this JSON instead of drawing it (see README)
     # synthetic
-    num_classes: int = 10
-    images_per_class: int = 24
-    image_size: int = 64
+    num_classes: int = at_least(10, 2)
+    images_per_class: int = at_least(24, 1)
+    image_size: int = at_least(64, 8)
     # features: a .npz/.safetensors file of precomputed features
     path: Optional[str] = None
 
 
 @dataclass
 class FeaturesSchema:
-    train_views: int = 10  # augmented passes (random-resized-crop + flip) cached for the train draw
+    train_views: int = at_least(10, 0)  # augmented passes (random-resized-crop + flip) cached for the train draw
     augment_seed: int = 0  # the augmentations are a function of (image, view, this seed)
-    batch_size: int = 64
-    num_workers: int = 2
-    dtype: str = "float16"
+    batch_size: int = at_least(64, 1)
+    num_workers: int = at_least(2, 0)
+    dtype: str = one_of("float16", "float16", "float32")  # of the cached features
 
 
 @dataclass
 class LoggerSchema:
-    name: str = "none"  # none | wandb
+    name: str = one_of("none", "none", "wandb")
     project: str = "clipadapt"
     entity: Optional[str] = None
     group: Optional[str] = None
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
-    mode: Optional[str] = None  # online | offline | disabled; default: offline when no API key is set
+    mode: Optional[str] = one_of(None, None, "online", "offline", "disabled")  # null: offline when no API key is set
 
 
 @dataclass
@@ -70,16 +94,18 @@ class PathsSchema:
 
 @dataclass
 class ProtocolSchema:
-    task: str = "few_shot"  # few_shot | base_to_new | cross_dataset | domain_generalisation (see protocols.py)
+    task: str = one_of("few_shot", "few_shot", "base_to_new", "cross_dataset", "domain_generalisation")  # protocols.py
     targets: Optional[list[str]] = None  # cross_dataset / domain_generalisation: dataset ids; null: the standard set
-    val_policy: str = "few_shot"  # none | few_shot | full: what hyperparameter searches may look at
-    selection: str = "last"  # last | val | test (test is leaky and labelled so)
+    val_policy: str = one_of("few_shot", "none", "few_shot", "full")  # what hyperparameter searches may look at
+    selection: str = one_of("last", "last", "val", "test")  # test is leaky and labelled so
+    allow_fewer_shots: bool = False  # true: a class with fewer train images than `shots` gives all it has (recorded)
 
 
 @dataclass
 class SweepSchema:
     skip_done: bool = True  # multirun: a cell whose metrics.json matches its config hash is skipped (clipadapt.sweep)
     batch_cells: bool = False  # launcher=batched: train the cells of each method/backbone/dataset as one stacked model
+    check_datasets: bool = True  # multirun: refuse to start when a dataset of the sweep is not readable
 
 
 @dataclass
@@ -92,16 +118,115 @@ class RunSchema:
     features: FeaturesSchema = field(default_factory=FeaturesSchema)
     protocol: ProtocolSchema = field(default_factory=ProtocolSchema)
     sweep: SweepSchema = field(default_factory=SweepSchema)
-    shots: int = 16
-    seed: int = 1
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    shots: int = at_least(16, 1)
+    seed: int = at_least(1, 0)
+    device: str = matching("auto", r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")
     save_logits: bool = False
     run_name: str = MISSING
 
 
+def file_stem(path: Optional[str]) -> str:
+    """`${file_stem:${dataset.path}}`: a features file's name without folder and suffix (its runs' backbone label)."""
+    return Path(path).stem if path else "unset"
+
+
 def register_schemas() -> None:
-    store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunSchema)
-    store.store(group="backbone", name="schema", node=BackboneSchema)
-    store.store(group="dataset", name="schema", node=DatasetSchema)
-    store.store(group="logger", name="schema", node=LoggerSchema)
+    """The run schema that conf/config.yaml extends (its groups are typed through it, so no group holds a schema
+    of its own that `--help` would offer as a choice), and the resolvers the config uses."""
+    OmegaConf.register_new_resolver("file_stem", file_stem, replace=True)
+    OmegaConf.register_new_resolver("clipadapt.task_suffix", task_suffix, replace=True)
+    OmegaConf.register_new_resolver("clipadapt.settings_suffix", settings_suffix, replace=True)
+    OmegaConf.register_new_resolver("clipadapt.new_dir", new_dir, replace=True, use_cache=True)
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
+
+
+# ------------------------------------------------------------------------------------------ choices and bounds
+
+
+def option_errors(schema: type, node: DictConfig, prefix: str = "") -> list[str]:
+    """One line per option of `node` outside what its field in `schema` (a dataclass, nested ones included) allows."""
+    errors = []
+    types = get_type_hints(schema)
+    for spec in fields(schema):
+        key, value = f"{prefix}{spec.name}", node.get(spec.name)
+        if is_dataclass(types[spec.name]) and isinstance(value, DictConfig):
+            errors += option_errors(types[spec.name], value, f"{key}.")
+        elif (allowed := _violation(spec.metadata, value)) is not None:
+            errors.append(f"{key}={value}: {allowed}")
+    return errors
+
+
+def _violation(rule: dict, value: Any) -> str | None:
+    """What `value` should have been under the field's rule, or None when it complies."""
+    if "choices" in rule and value not in rule["choices"]:
+        return "use one of " + ", ".join("null" if choice is None else str(choice) for choice in rule["choices"])
+    if "minimum" in rule and value < rule["minimum"]:
+        return f"must be >= {rule['minimum']}"
+    if "pattern" in rule and not re.fullmatch(rule["pattern"], str(value)):
+        return f"use {rule['shown']}"
+    return None
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every enumerated or bounded option of a run config, the method's against its own schema, checked once at
+    start: ConfigError with all the offending options on one line (a method option that is misspelt or of the wrong
+    type fails in methods.base.method_config)."""
+    from clipadapt.methods.base import method_config  # imports the methods (torch): only where a cell starts
+
+    method = method_config(cfg.method)
+    errors = option_errors(RunSchema, cfg) + option_errors(OmegaConf.get_type(method), method, "method.")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+# ------------------------------------------------------------------------------------------ names and folders
+
+# Keys that identify where and how a cell ran, not what it computed. A sweep resumed with another launcher, on
+# another machine, with another tracker or cache folder reuses its finished cells (clipadapt.sweep.config_hash).
+RESULT_NEUTRAL_KEYS = (
+    "logger", "paths", "sweep", "device", "save_logits", "features.num_workers", "features.batch_size",
+)
+# What a sweep cell's folder path already says: <method>/<backbone>/<dataset>/<K>shot/seed<S> (conf/config.yaml).
+GRID_KEYS = ("method", "backbone", "dataset", "shots", "seed", "method.name", "backbone.name", "dataset.name")
+_SAFE_IN_FOLDER = re.compile(r"[^A-Za-z0-9._=,:+\-\[\]]")
+
+
+def task_suffix(task: str) -> str:
+    """`-<task>` for run names, empty for the default few-shot task (whose names stay as they always were)."""
+    return "" if task == ProtocolSchema.task else f"-{task}"
+
+
+def _names_a_setting(override: str) -> bool:
+    """Whether an override (`method.train.epochs=20`, `+sweep=grid`, ...) can change a cell's result in a way its
+    folder path does not already say."""
+    key = override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+    unnamed = (*RESULT_NEUTRAL_KEYS, "launcher", "run_name")
+    return key not in GRID_KEYS and not any(key == other or key.startswith(f"{other}.") for other in unnamed)
+
+
+def settings_suffix(task_overrides: list[str]) -> str:
+    """`,key=value,...`: the overrides of a sweep cell that its grid folder does not name (empty without any), so
+    that `method.train.epochs=1,20` keeps both results: `seed1,method.train.epochs=1`. Characters a folder name
+    should not hold become `_`, and then (or when it is long) a hash of the overrides keeps two cells apart."""
+    settings = sorted(override for override in task_overrides if _names_a_setting(override))
+    if not settings:
+        return ""
+    text = ",".join(settings)
+    safe = _SAFE_IN_FOLDER.sub("_", text)
+    if safe != text or len(safe) > 120:
+        safe = f"{safe[:100]}~{sha256(text.encode()).hexdigest()[:8]}"
+    return f",{safe}"
+
+
+def new_dir(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first that did not exist, created here, so that two runs started in
+    the same second never share a folder. Registered with use_cache: a config resolves it once."""
+    candidate, n = Path(path), 1
+    candidate.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = Path(f"{path}-{n}")

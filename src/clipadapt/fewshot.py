@@ -41,17 +41,30 @@ def _sample_per_label(items: Sequence[T], labels: Sequence[int], shots: int, rng
     return drawn
 
 
-def draw_few_shot(train: Sequence, val: Sequence, shots: int, seed: int) -> Draw:
+def draw_few_shot(train: Sequence, val: Sequence, shots: int, seed: int, val_from_train: bool = False) -> Draw:
     """K per label from train, then min(K, 4) per label from val, continuing one random stream seeded with `seed`.
 
     Items need a `.label`; `random.Random(seed)` gives the same stream as CoOp's `random.seed(seed)`.
+    `val_from_train` (ImageNet, which has no val split): the val draw is taken from the train images the train draw
+    left, in their list order, continuing the same stream (protocol.md's honest ImageNet val).
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
     rng = random.Random(seed)
     drawn_train = _sample_per_label(train, [i.label for i in train], shots, rng)
+    if val_from_train:
+        taken = {item.path for item in drawn_train}
+        val = [item for item in train if item.path not in taken]
     drawn_val = _sample_per_label(val, [i.label for i in val], min(shots, 4), rng) if val else []
     return Draw(train=drawn_train, val=drawn_val, shots=shots, seed=seed)
+
+
+def per_class_counts(items: Sequence, num_classes: int) -> list[int]:
+    """How many of `items` each label 0..num_classes-1 holds."""
+    counts = [0] * num_classes
+    for item in items:
+        counts[item.label] += 1
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:

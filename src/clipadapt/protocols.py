@@ -12,6 +12,10 @@
   and the trained classifier (no retarget); -A and -R are scored over their 200 classes only (the other logits do
   not compete), as their authors evaluate them.
 
+The val set hyperparameter searches see is the few-shot val draw; ImageNet, which has no val split, draws it from the
+train images outside the train draw (protocol.md); `protocol.val_policy=full` searches on the whole val split
+(leaky, flagged) and `none` on nothing.
+
 All as published; the draw can instead be imported (`dataset.draw_file`): a JSON with "train" and "val" lists of
 image paths relative to the image folder (or of [path, label, class name] entries as in a split file), e.g. the
 output of `python -m clipadapt.fewshot`, or a run's metrics.json (its "draw").
@@ -33,7 +37,7 @@ from clipadapt.data import DatasetError, Item
 from clipadapt.data.benchmarks import BENCHMARKS, IMAGENET_VARIANTS
 from clipadapt.engine import accuracy, per_class_accuracy, predict
 from clipadapt.features import FeatureSet
-from clipadapt.fewshot import Draw, draw_few_shot
+from clipadapt.fewshot import Draw, draw_few_shot, per_class_counts
 
 TASKS = ("few_shot", "base_to_new", "cross_dataset", "domain_generalisation")
 DEFAULT_TARGETS = {
@@ -50,9 +54,14 @@ def base_class_count(num_classes: int) -> int:
 # ---------------------------------------------------------------------------------------------------- the draw
 
 
-def draw(train: list[Item], val: list[Item], num_classes: int, cfg: DictConfig) -> tuple[Draw, str]:
-    """The cell's few-shot draw (drawn, or imported from dataset.draw_file) and where it came from.
+def draw(train: list[Item], val: list[Item], classnames: list[str], cfg: DictConfig,
+         val_from_train: bool = False) -> tuple[Draw, dict]:
+    """The cell's few-shot draw (drawn, or imported from dataset.draw_file) and its record for metrics.json.
 
+    The val set the searches see (`val_source` in the record): the few-shot draw of the val split; for a dataset
+    without one (`val_from_train`: ImageNet), min(K, 4) per class drawn from the train images outside the train
+    draw; under protocol.val_policy=full the whole val split (leaky). A class with fewer train images than `shots`
+    is refused unless protocol.allow_fewer_shots; the classes drawn short are recorded (`fewer_shots`).
     Base-to-new keeps the base classes of the draw (train and val), after drawing.
     """
     task = cfg.protocol.task
@@ -65,18 +74,63 @@ def draw(train: list[Item], val: list[Item], num_classes: int, cfg: DictConfig) 
         )
     draw_file = cfg.dataset.get("draw_file")
     if draw_file:
-        drawn, source = import_draw(Path(draw_file), train, val, cfg.shots, cfg.seed), f"file:{draw_file}"
+        drawn = import_draw(Path(draw_file), train, val, cfg.shots, cfg.seed, val_from_train)
+        source = f"file:{draw_file}"
     else:
-        drawn, source = draw_few_shot(train, val, cfg.shots, cfg.seed), "drawn"
+        drawn, source = draw_few_shot(train, val, cfg.shots, cfg.seed, val_from_train), "drawn"
+    fewer = fewer_than_asked(drawn, classnames, cfg)
+    drawn, val_source = _searched_val(drawn, val, val_from_train, cfg)
     if task == "base_to_new":
-        base = base_class_count(num_classes)
+        base = base_class_count(len(classnames))
         base_train, base_val = ([i for i in items if i.label < base] for items in (drawn.train, drawn.val))
         drawn = Draw(base_train, base_val, drawn.shots, drawn.seed)
-    return drawn, source
+    return drawn, {"draw_source": source, "val_source": val_source, "fewer_shots": fewer}
 
 
-def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed: int) -> Draw:
-    """A published or saved draw: every entry must be an image of the dataset's train (val) list."""
+def fewer_than_asked(drawn: Draw, classnames: list[str], cfg: DictConfig) -> dict[str, dict[str, int]]:
+    """{class name: {"train"|"val": images drawn}} for the classes drawn short of K (train) or min(K, 4) (val).
+
+    Short train classes are refused unless protocol.allow_fewer_shots; a short val class is kept as CoOp keeps it.
+    """
+    wanted = {"train": drawn.shots, "val": min(drawn.shots, 4)}
+    short: dict[str, dict[str, int]] = {}
+    for part, items in (("train", drawn.train), ("val", drawn.val)):
+        if not items:  # no val split: nothing was asked of it
+            continue
+        for label, count in enumerate(per_class_counts(items, len(classnames))):
+            if count < wanted[part]:
+                short.setdefault(classnames[label], {})[part] = count
+    train_short = [name for name, counts in short.items() if "train" in counts]
+    if train_short and not cfg.protocol.get("allow_fewer_shots", False):
+        name, more = train_short[0], len(train_short) - 1
+        raise DatasetError(
+            f"{cfg.dataset.name}: class {name!r} has {short[name]['train']} train images, fewer than shots={drawn.shots}"
+            f"{f' (and {more} more classes)' if more else ''}: lower shots, or set protocol.allow_fewer_shots=true "
+            f"to train on the images there are (metrics.json then records the counts per class)"
+        )
+    return short
+
+
+def _searched_val(drawn: Draw, val: list[Item], val_from_train: bool, cfg: DictConfig) -> tuple[Draw, str]:
+    """The draw with the val set protocol.val_policy gives the searches, and where that set comes from."""
+    policy = cfg.protocol.val_policy  # none | few_shot | full (validated at start, config.py)
+    if policy == "full":
+        if val_from_train or not val:
+            raise DatasetError(
+                f"protocol.val_policy=full searches on {cfg.dataset.name}'s val split, and it has none: "
+                f"use protocol.val_policy=few_shot"
+                + (" (a val draw from the train images outside the train draw)" if val_from_train else "")
+            )
+        return replace(drawn, val=list(val)), "val_split_full"
+    if policy == "none" or not drawn.val:
+        return drawn, "none"
+    return drawn, "train_outside_draw" if val_from_train else "val_split_draw"
+
+
+def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed: int,
+                val_from_train: bool = False) -> Draw:
+    """A published or saved draw: every entry must be an image of the dataset's train (val) list; for a dataset
+    without a val split (`val_from_train`), val entries are train images outside the train draw."""
     if not path.is_file():
         raise DatasetError(f"draw file {path} does not exist: set dataset.draw_file to a JSON with train/val lists")
     try:
@@ -88,7 +142,7 @@ def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed
     if not lists["train"]:
         raise DatasetError(f"draw file {path} has no train images")
 
-    def resolve(split: str, pool: list[Item]) -> list[Item]:
+    def resolve(split: str, pool: list[Item], pool_name: str) -> list[Item]:
         by_path = {item.path: item for item in pool}
         items = []
         for entry in lists[split]:
@@ -97,13 +151,17 @@ def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed
                 raise DatasetError(f"draw file {path}: {split} entries must be paths or [path, label, name], got {entry!r}")
             item = by_path.get(relative)
             if item is None:
-                raise DatasetError(f"draw file {path}: {split} image {relative!r} is not in the dataset's {split} list")
+                raise DatasetError(f"draw file {path}: {split} image {relative!r} is not in the dataset's {pool_name} list")
             if not isinstance(entry, str) and int(entry[1]) != item.label:
                 raise DatasetError(f"draw file {path}: {relative!r} has label {entry[1]}, the split file says {item.label}")
             items.append(item)
         return items
 
-    drawn = Draw(resolve("train", train), resolve("val", val), shots, seed)
+    drawn = Draw(resolve("train", train, "train"), resolve("val", train if val_from_train else val,
+                                                          "train" if val_from_train else "val"), shots, seed)
+    both = {i.path for i in drawn.train} & {i.path for i in drawn.val}
+    if both:
+        raise DatasetError(f"draw file {path}: {sorted(both)[0]!r} is in both the train and the val draw")
     most = max(np.bincount([i.label for i in drawn.train]))
     if most != shots:
         raise DatasetError(f"draw file {path} has up to {most} train images per class but shots={shots}: set shots={most}")

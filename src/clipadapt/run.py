@@ -6,7 +6,7 @@ runner call it directly. The local metrics.json is the result of record; W&B mir
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 import time
@@ -16,18 +16,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from clipadapt import protocols
+from clipadapt import protocols, trained_state
 from clipadapt.data import ImageDataset, Item, build_dataset
 from clipadapt.data.benchmarks import dataset_config
 from clipadapt.engine import fit
-from clipadapt.features import FeatureExtractor, FeatureSet, View, backbone_key
+from clipadapt.features import AUGMENTATIONS, FeatureExtractor, FeatureSet, View, backbone_key
+from clipadapt.files import write_json_atomic, write_text_atomic
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import method_config
 from clipadapt.tracking import make_logger, provenance_record
 
 log = logging.getLogger(__name__)
+
+HEADLINE = ("test/acc", "base/acc", "new/acc", "targets/mean_acc")  # the numbers a run's last log line shows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,13 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name} but CUDA is not available here: use device=auto or device=cpu")
     return torch.device(name)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temp file and rename: a reader sees the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
 
 
 @dataclass
@@ -66,9 +62,16 @@ def _load_backbone(cfg: DictConfig, device: torch.device):
     return ClipBackbone(cfg.backbone.model, cfg.backbone.pretrained, cfg.backbone.dense, device=str(device))
 
 
-def _drawn(dataset: ImageDataset, cfg: DictConfig):
-    draw, source = protocols.draw(dataset.train, dataset.val, len(dataset.classnames), cfg)
-    return draw, {"split_hash": dataset.split_hash, "draw_hash": draw.digest, "draw_source": source,
+def no_features(width: int) -> FeatureSet:
+    """An empty train set: what a method is rebuilt on before its saved state is loaded."""
+    return FeatureSet(image=np.zeros((0, 1, width), dtype=np.float32), labels=np.zeros(0, dtype=np.int64))
+
+
+def _drawn(train: list[Item], val: list[Item], classnames: list[str], split_hash: str, cfg: DictConfig,
+           val_from_train: bool = False):
+    """The draw, and its record: hashes, where it and its val set came from, the drawn paths (features file: rows)."""
+    draw, record = protocols.draw(train, val, classnames, cfg, val_from_train)
+    return draw, {"split_hash": split_hash, "draw_hash": draw.digest, **record,
                   "draw": {"train": [i.path for i in draw.train], "val": [i.path for i in draw.val]}}
 
 
@@ -81,20 +84,27 @@ def _extractor(cfg: DictConfig, dataset: ImageDataset, load_backbone) -> Feature
     )
 
 
-def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, augmented: bool = True) -> TaskData:
-    """Features of the draw and the test set; `augmented=False` skips the augmented train views (zero-shot, probe)."""
+def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, augmented: bool = True,
+                    with_draw: bool = True, augmentation: str = "tip") -> TaskData:
+    """Features of the draw and the test set; `augmented=False` skips the augmented train views (zero-shot, probe),
+    `with_draw=False` the draw's (re-evaluation: the saved state holds what training and tuning made of them);
+    `augmentation`: the method's recipe for the augmented views (features.AUGMENTATIONS)."""
     dataset = build_dataset(cfg.dataset, Path(cfg.paths.data_root))
-    draw, provenance = _drawn(dataset, cfg)
-    dataset.check_images_exist(draw.train + draw.val + dataset.test)  # fails with a count and the first paths
+    draw, provenance = _drawn(dataset.train, dataset.val, dataset.classnames, dataset.split_hash, cfg,
+                              dataset.val_from_train)
+    dataset.check_images_exist((draw.train + draw.val if with_draw else []) + dataset.test)  # count, first paths
     load_backbone = cache(lambda: _load_backbone(cfg, device))  # one model for the dataset and any transfer targets
     extractor = _extractor(cfg, dataset, load_backbone)
+    text = extractor.text(dataset.classnames, dataset.templates)
 
     def features(items: list[Item], view: View) -> FeatureSet:
         return extractor.images([i.path for i in items], [i.label for i in items], view, dense=needs_dense)
 
-    train = features(draw.train, View("plain"))
-    if augmented and cfg.features.train_views > 0:
-        augmented = features(draw.train, View("augment", cfg.features.train_views, cfg.features.augment_seed))
+    train = features(draw.train, View("plain")) if with_draw else no_features(text.shape[1])
+    if with_draw and augmented and cfg.features.train_views > 0:
+        view = View("augment", cfg.features.train_views, cfg.features.augment_seed, augmentation)
+        provenance["augmentation"] = f"{augmentation}: {AUGMENTATIONS[augmentation].description}"
+        augmented = features(draw.train, view)
         train = FeatureSet(
             image=np.concatenate([train.image, augmented.image], axis=1), labels=train.labels, paths=train.paths,
             dense=None if train.dense is None else np.concatenate([train.dense, augmented.dense], axis=1),
@@ -112,9 +122,9 @@ def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, au
     return TaskData(
         classnames=dataset.classnames,
         templates=dataset.templates,
-        text=extractor.text(dataset.classnames, dataset.templates),
+        text=text,
         train=train,
-        val=features(draw.val, View("plain")) if draw.val else None,
+        val=features(draw.val, View("plain")) if draw.val and with_draw else None,
         test=features(dataset.test, View("plain")),
         provenance=provenance,
         prompt_encoder=lambda: extractor.backbone.prompt_encoder(),
@@ -125,29 +135,34 @@ def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, au
 def file_task_data(cfg: DictConfig) -> TaskData:
     from clipadapt.data.features_file import read_features_file
 
-    data = read_features_file(Path(cfg.dataset.path))
-
-    def items(fs: FeatureSet | None) -> list[Item]:
-        return [] if fs is None else [Item(str(i), int(label), "") for i, label in enumerate(fs.labels)]
-
-    draw, source = protocols.draw(items(data["train"]), items(data["val"]), len(data["text"]), cfg)
-    rows = lambda drawn: np.array([int(i.path) for i in drawn], dtype=np.int64)  # noqa: E731
+    data = read_features_file(cfg.dataset.get("path"))
     classnames = [f"class {k}" for k in range(len(data["text"]))]
+
+    def items(fs: FeatureSet | None) -> list[Item]:  # an item's path is its row in the file
+        return [] if fs is None else [Item(str(i), int(label), classnames[label]) for i, label in enumerate(fs.labels)]
+
+    draw, provenance = _drawn(items(data["train"]), items(data["val"]), classnames, data["digest"], cfg)
+    rows = lambda drawn: np.array([int(i.path) for i in drawn], dtype=np.int64)  # noqa: E731
     return TaskData(
         classnames=classnames, templates=[], text=data["text"],
         train=data["train"].select(rows(draw.train)),
         val=data["val"].select(rows(draw.val)) if draw.val else None,
         test=data["test"],
-        provenance={"split_hash": data["digest"], "draw_hash": draw.digest, "draw_source": source},
+        provenance=provenance,
     )
 
 
-def protocol_flags(cfg: DictConfig, method_cfg: DictConfig, data: TaskData) -> dict:
-    leaky = cfg.protocol.selection == "test" or cfg.protocol.val_policy == "full"
+def protocol_flags(cfg: DictConfig, method_cfg: DictConfig, data: TaskData, test_tuned: tuple[str, ...] = ()) -> dict:
+    """How the run relates to the honest protocol. Leaky: anything the test set informed, this run's own look at it
+    (selection=test), the whole val split (val_policy=full, the reference codes' habit), or `test_tuned` settings
+    (values the method's authors searched on the test set, e.g. CALIP's betas)."""
+    leaky = cfg.protocol.selection == "test" or cfg.protocol.val_policy == "full" or bool(test_tuned)
     return {
         "val_policy": cfg.protocol.val_policy,
+        "val_source": data.provenance.get("val_source"),
         "selection": cfg.protocol.selection,
         "leaky": leaky,
+        "test_tuned": list(test_tuned),
         "templates": data.templates,
         "template_set": cfg.dataset.get("template_set"),
         "seed": cfg.seed,
@@ -155,9 +170,42 @@ def protocol_flags(cfg: DictConfig, method_cfg: DictConfig, data: TaskData) -> d
         "split_hash": data.provenance["split_hash"],
         "draw_hash": data.provenance["draw_hash"],
         "draw_source": data.provenance.get("draw_source", "drawn"),
+        "augmentation": data.provenance.get("augmentation"),  # the train views' recipe; None: no augmented views
+        "allow_fewer_shots": cfg.protocol.get("allow_fewer_shots", False),
+        "fewer_shots": data.provenance.get("fewer_shots", {}),
         "method_fidelity": method_cfg.fidelity,
         "task": cfg.protocol.task,
     }
+
+
+def few_shot_task(cfg: DictConfig, plan: protocols.Plan, device: torch.device) -> FewShotTask:
+    """What the method is built on: the plan's training label space (base classes for base-to-new)."""
+    trained = plan.data
+    return FewShotTask(
+        classnames=trained.classnames, templates=trained.templates,
+        text=torch.tensor(np.asarray(trained.text), dtype=torch.float32, device=device),
+        train=trained.train, val=trained.val if cfg.protocol.val_policy != "none" else None,
+        device=device, prompt_encoder=trained.prompt_encoder, seed=cfg.seed,
+        new_classnames=plan.new_classnames,
+        new_text=None if plan.new_text is None else torch.tensor(plan.new_text, dtype=torch.float32, device=device),
+        evaluated_datasets=[cfg.dataset.name, *plan.record.get("targets", [])],
+    )
+
+
+def with_method_templates(cfg: DictConfig, method_cfg: DictConfig) -> DictConfig:
+    """The run config with the method's template policy applied: `method.template_set` (set per dataset in
+    conf/dataset_method/, e.g. Tip-Adapter's ImageNet ensemble) picks the dataset's prompts; null keeps the dataset's."""
+    wanted, chosen = method_cfg.template_set, cfg.dataset.get("template_set")
+    if wanted is None or wanted == chosen:
+        return cfg
+    if chosen is not None:
+        raise ValueError(f"dataset.template_set={chosen} and method.template_set={wanted} disagree: set only one")
+    if cfg.dataset.kind == "features":
+        raise ValueError(f"method.template_set={wanted}: a features file brings its own text features; drop it")
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.dataset.template_set = wanted
+    return cfg
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
@@ -170,13 +218,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     from clipadapt.methods import METHODS
 
     method_class = METHODS[method_cfg.name]
+    cfg = with_method_templates(cfg, method_cfg)  # the class prompts this method's recipe uses on this dataset
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     if cfg.dataset.kind == "features":
         data = file_task_data(cfg)
     else:
-        data = image_task_data(cfg, method_class.needs_dense, device, augmented=method_class.uses_augmented_views)
+        data = image_task_data(cfg, method_class.needs_dense, device, augmented=method_class.uses_augmented_views,
+                               augmentation=method_class.augmentation)
     plan = protocols.setup(cfg, data)  # what the method trains on, and the test sets it is then evaluated on
     timings["features_s"] = time.perf_counter() - start
 
@@ -186,14 +236,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     failed = True
     try:
         trained = plan.data  # in the training label space (base classes for base-to-new)
-        task = FewShotTask(
-            classnames=trained.classnames, templates=trained.templates,
-            text=torch.tensor(np.asarray(trained.text), dtype=torch.float32, device=device),
-            train=trained.train, val=trained.val if cfg.protocol.val_policy != "none" else None,
-            device=device, prompt_encoder=trained.prompt_encoder, seed=cfg.seed,
-            new_classnames=plan.new_classnames,
-            new_text=None if plan.new_text is None else torch.tensor(plan.new_text, dtype=torch.float32, device=device),
-        )
+        task = few_shot_task(cfg, plan, device)
         method = build_method(method_cfg, task)
         t = time.perf_counter()
         method.setup()
@@ -201,6 +244,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         # protocol.selection=test: searches look at the test set (leaky, flagged): CALIP's and Tip-Adapter's ImageNet code
         chosen = method.tune(trained.test if cfg.protocol.selection == "test" else task.val)
         timings["train_s"] = time.perf_counter() - t
+        state = trained_state.snapshot(method)  # before the evaluations: a retarget changes the method
 
         t = time.perf_counter()
         results = protocols.evaluate(method, plan.evaluations)  # the one and only look at each test set
@@ -218,9 +262,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             **scores,
             "train/loss_history": history,
             "chosen": chosen,
+            **method.record(),
             # every method option as run: schema defaults and what the method resolved (e.g. CoOp's epochs by shots)
             "method_config": OmegaConf.to_container(method.cfg, resolve=True),
-            "protocol": {**protocol_flags(cfg, method_cfg, data), **plan.record},
+            "protocol": {**protocol_flags(cfg, method_cfg, data, method.test_tuned), **plan.record},
             "draw": data.provenance.get("draw"),
             "timings": timings,
             "provenance": made_by,
@@ -230,11 +275,15 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             partial = output_dir / f".logits.tmp{os.getpid()}.npz"
             np.savez(partial, **protocols.logit_arrays(results))
             partial.replace(output_dir / "logits.npz")
+        trained_state.write(state, output_dir / trained_state.STATE_FILE)  # first: a metrics.json has its state
+        for name, text in method.files().items():  # e.g. RTOS's anchors.txt
+            write_text_atomic(output_dir / name, text)
         write_json_atomic(output_dir / "metrics.json", metrics)
         headline = {k: v for k, v in scores.items() if isinstance(v, float)}
         logger.summary({**headline, **{f"chosen/{k}": v for k, v in chosen.items()}})
-        log.info("%s: test/acc %.2f (%d test images, %.1f s)",
-                 cfg.run_name, metrics["test/acc"], metrics["num_test"], timings["total_s"])
+        shown = ", ".join(f"{key} {scores[key]:.2f}" for key in HEADLINE if key in scores)
+        log.info("%s: %s (%d test images, %.1f s) in %s",  # a run's last line: what it got and where it went
+                 cfg.run_name, shown, metrics["num_test"], timings["total_s"], output_dir)
         failed = False
         return metrics
     finally:

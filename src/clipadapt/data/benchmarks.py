@@ -2,7 +2,7 @@
 
 - `imagenet`: classnames.txt ("wnid name" lines) and images/{train,val}/<wnid>/ folders; labels follow the sorted
   wnid folders (as CoOp's reader); train is the pool the few-shot draw samples from, the 50,000 val images are the
-  test set, and there is no val split.
+  test set, and there is no val split: the val draw comes from the train images outside the train draw.
 - `fgvc_aircraft`: the data/ folder of fgvc-aircraft-2013b: variants.txt gives the labels (line order), the official
   images_variant_{train,val,test}.txt lists ("<image id> <variant>") give the splits (as CoOp's reader).
 - `imagenet_variant`: ImageNet-V2 / -Sketch / -A / -R, test only. Folders are wnids (or, for V2, ImageNet label
@@ -60,14 +60,17 @@ IMAGENET_VARIANTS = [name for name in PROTOCOL_SIZES if name.startswith("imagene
 
 def dataset_config(name: str) -> DictConfig:
     """conf/dataset/<name>.yaml checked against the dataset schema, as Hydra would compose it (prepare, targets)."""
-    from clipadapt.app import CONFIG_DIR
+    from clipadapt.files import CONFIG_DIR
     from clipadapt.config import DatasetSchema
 
     path = Path(CONFIG_DIR) / "dataset" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise DatasetError(f"unknown dataset {name!r}: use one of {known}")
-    return OmegaConf.merge(OmegaConf.structured(DatasetSchema), OmegaConf.load(path))
+    loaded = OmegaConf.load(path)
+    if "dataset" in loaded:  # a `@package _global_` file (features.yaml also labels the backbone): its dataset node
+        loaded = loaded.dataset
+    return OmegaConf.merge(OmegaConf.structured(DatasetSchema), loaded)
 
 
 def sizes_of(dataset: ImageDataset) -> Sizes:
@@ -158,6 +161,7 @@ def read_imagenet(cfg: DictConfig, data_root: Path) -> ImageDataset:
         val=[],  # the protocol draws ImageNet's train only; its val images are the test set
         test=splits["val"],
         split_hash=_digest(classnames_path.read_bytes(), _listing_bytes(splits["train"]), _listing_bytes(splits["val"])),
+        val_from_train=True,
     )
 
 

@@ -6,7 +6,10 @@ Keys (N images, V views with view 0 un-augmented, M dense tokens, D feature widt
   text_features [K, D]                                      required: the zero-shot classifier
   val_features [N, D], val_labels [N]                       optional: searches need them
   {train,val,test}_dense [N, M, D] (train: [N, V, M, D])   optional: for dense-feature methods
-Features are L2-normalised on load. The few-shot draw is applied to the train/val rows as to any split.
+Image rows may be raw or unit: they are kept as given (the feature cache too keeps CLIP's raw output) and each
+method normalises them (Tip-Adapter's cache keys: the mean of the raw views, then normalised). Text features and
+dense tokens are L2-normalised on load; NaN or Inf anywhere is refused. The few-shot draw is applied to the train/val
+rows as to any split. A run on a file is labelled by it: backbone `features:<file stem>` (conf/dataset/features.yaml).
 """
 
 from __future__ import annotations
@@ -33,14 +36,27 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
+def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
+    """NaN or Inf in any key would turn into plausible-looking accuracies (argmax of NaN logits is class 0)."""
+    for key, array in data.items():
+        if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            if bad:
+                raise DatasetError(f"features file {path}: {key} holds {bad} NaN or Inf values: recompute the features "
+                                   f"or drop those rows")
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def read_features_file(path: Path) -> dict:
-    """{'text': [K, D], 'train'|'val'|'test': FeatureSet or None, 'digest': content hash}; shapes checked."""
+def read_features_file(path: str | Path | None) -> dict:
+    """{'text': [K, D], 'train'|'val'|'test': FeatureSet or None, 'digest': content hash}; shapes and values checked."""
+    if not path:
+        raise DatasetError("dataset=features needs dataset.path=<a .npz or .safetensors file> (keys: see README)")
     data = _load(Path(path))
+    _check_finite(path, data)
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise DatasetError(f"features file {path} lacks keys {missing}: it needs {list(REQUIRED)} (see README)")
@@ -68,7 +84,7 @@ def read_features_file(path: Path) -> dict:
         if problems:
             raise DatasetError(f"features file {path}: {'; '.join(problems)}")
         sets[split] = FeatureSet(
-            image=_normalise(image), labels=labels.astype(np.int64),
+            image=image.astype(np.float32), labels=labels.astype(np.int64),
             dense=None if dense is None else _normalise(dense), paths=[str(i) for i in range(len(labels))],
         )
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

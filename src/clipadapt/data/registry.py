@@ -22,6 +22,17 @@ class DatasetError(RuntimeError):
     """Data that cannot be read as configured; the message says what to fetch or fix."""
 
 
+class ImageReadError(DatasetError):
+    """An image file that does not decode. Raised inside a DataLoader worker, it reaches the main process rebuilt
+    from torch's report ("Caught ImageReadError in DataLoader worker ... Original Traceback ..."): keep only the
+    original one-line message, which names the file."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        lines = [line for line in message.splitlines() if marker in line]
+        super().__init__(lines[-1].split(marker, 1)[1] if message.startswith("Caught ") and lines else message)
+
+
 @dataclass(frozen=True)
 class Item:
     path: str  # relative to ImageDataset.image_root
@@ -39,6 +50,7 @@ class ImageDataset:
     val: list[Item]
     test: list[Item]
     split_hash: str  # content hash of the split file the lists came from
+    val_from_train: bool = False  # no val split (ImageNet): the val draw comes from train images outside the train draw
 
     def check_images_exist(self, items: list[Item] | None = None) -> None:
         """Every listed image (or every one of `items`) is a file; else one error with the count and a few paths."""
@@ -133,29 +145,31 @@ def read_split_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
 
 @register_reader("folder")
 def read_folder_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
-    """A user's class-per-folder images; a 50/20/30 split (CoOp's proportions) is drawn once and saved beside them."""
+    """A user's class-per-folder images; a 50/20/30 split (CoOp's proportions) is drawn once and saved beside them.
+
+    The saved split is authoritative (images added to a class later are not used); an empty class folder, or one
+    added after the split was saved, is an error that says what to do.
+    """
+    if not cfg.root:
+        raise DatasetError("dataset=folder needs dataset.root=<a folder of class folders> (absolute, or below paths.data_root)")
     root = dataset_root(cfg, data_root)
     image_root = root / cfg.image_dir
     if not image_root.is_dir():
         raise DatasetError(f"image folder {image_root} is missing: point dataset.root at a folder of class folders")
+    classes = sorted(d.name for d in image_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{image_root} has no class folders: expected <class>/<image> files")
     split_path = root / (cfg.split_file or "split_clipadapt.json")
     if not split_path.is_file():
-        classes = sorted(d.name for d in image_root.iterdir() if d.is_dir())
-        if not classes:
-            raise DatasetError(f"{image_root} has no class folders: expected <class>/<image> files")
-        rng = random.Random(0)
-        split: dict[str, list] = {"train": [], "val": [], "test": []}
-        for label, name in enumerate(classes):
-            files = sorted(str(p.relative_to(image_root)) for p in (image_root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            rng.shuffle(files)
-            n_train, n_val = round(len(files) * 0.5), round(len(files) * 0.2)
-            parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
-            for part, paths in parts.items():
-                split[part].extend([p, label, name] for p in paths)
-        tmp = split_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(split))
-        tmp.replace(split_path)
+        _save_folder_split(image_root, classes, split_path)
     split_items = read_split_file(split_path)
+    saved = {item.path.split("/", 1)[0] for items in split_items.values() for item in items}
+    added = [name for name in classes if name not in saved]
+    if added:
+        raise DatasetError(
+            f"{image_root} has class folders that the saved split {split_path} lacks, e.g. {added[:3]}: delete that "
+            f"file to re-make the split with them (runs made on the old split then differ in draw and test set)"
+        )
     return ImageDataset(
         name=cfg.name,
         image_root=image_root,
@@ -164,3 +178,22 @@ def read_folder_dataset(cfg: DictConfig, data_root: Path) -> ImageDataset:
         split_hash=file_digest(split_path),
         **split_items,
     )
+
+
+def _save_folder_split(image_root: Path, classes: list[str], split_path: Path) -> None:
+    """Each class's images shuffled once (seed 0) and cut 50/20/30 into train/val/test; written atomically."""
+    rng = random.Random(0)
+    split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        files = sorted(str(p.relative_to(image_root)) for p in (image_root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(f"class folder {image_root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                               f"add some or remove the folder")
+        rng.shuffle(files)
+        n_train, n_val = round(len(files) * 0.5), round(len(files) * 0.2)
+        parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+        for part, paths in parts.items():
+            split[part].extend([p, label, name] for p in paths)
+    tmp = split_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(split))
+    tmp.replace(split_path)

@@ -9,7 +9,7 @@ on the few-shot val draw only) cover closed-form fits and hyperparameter searche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ class TrainSchema:
 class MethodSchema:
     name: str = MISSING
     fidelity: str = "as published"  # "reconstructed" where the paper's text or code was not available
+    # the class prompts: null = the dataset's default (CoOp's single template); a name picks dataset.template_sets[name]
+    # (conf/dataset_method/imagenet_tip_adapter.yaml: ensemble, as Tip-Adapter's and CALIP's ImageNet code)
+    template_set: Optional[str] = None
     train: TrainSchema = field(default_factory=TrainSchema)
 
 
@@ -59,12 +62,15 @@ class FewShotTask:
     # base-to-new: the label-only classes (names and text features, no images); methods such as SHIP use them
     new_classnames: list[str] = field(default_factory=list)
     new_text: torch.Tensor | None = None
+    # ids of the datasets the cell is evaluated on (its own, transfer targets): outside vocabularies (RTOS's anchors)
+    # keep all their classes out
+    evaluated_datasets: list[str] = field(default_factory=list)
 
-    def text_tower(self, method: str) -> nn.Module:
+    def text_tower(self, method: str, purpose: str = "on learned tokens") -> nn.Module:
         """The frozen text tower on token embeddings (CoOp, RTOS, SHIP), or a one-line error where there is none."""
         if self.prompt_encoder is None:
             raise ValueError(
-                f"{method} runs CLIP's text tower on learned tokens, which a features file does not provide: "
+                f"{method} runs CLIP's text tower {purpose}, which a features file does not provide: "
                 f"run it on an image dataset (e.g. dataset=eurosat) so the backbone's text tower can be loaded"
             )
         return self.prompt_encoder().requires_grad_(False)
@@ -87,6 +93,15 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodSchema
     needs_dense: ClassVar[bool] = False
     uses_augmented_views: ClassVar[bool] = True  # False: only the plain view of the train draw is extracted
+    # False: the evaluator hands `forward` the cached rows as they are (raw CLIP features: lpclip's linear probe), not
+    # unit vectors; for methods that do not train through the loop (which always trains on unit rows)
+    unit_features: ClassVar[bool] = True
+    # The reference's train views (features.AUGMENTATIONS): "tip" (Tip-Adapter: crop scale 0.5-1) or "dassl" (CoOp's
+    # Dassl: 0.08-1); recorded in metrics.json as protocol.augmentation
+    augmentation: ClassVar[str] = "tip"
+    # Settings the run used whose values were searched on a test set by the method's authors (CALIP's paper betas):
+    # set by `tune`; metrics.json lists them in protocol.test_tuned and marks the run leaky.
+    test_tuned: tuple[str, ...] = ()
     # Plain attributes that `tune` (or training) sets and state_dict does not hold, e.g. Tip-Adapter's alpha and
     # beta: saved with the trained state through torch's extra-state hooks (JSON values: floats, strings, lists).
     tuned: ClassVar[tuple[str, ...]] = ()
@@ -106,6 +121,11 @@ class Method(nn.Module):
     def setup(self) -> None:
         """Before training: closed-form fits, caches built from train features."""
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups (torch's format): by default one group of every trainable parameter at the
+        `train` settings; a method may give some of them their own (RTOS: no weight decay on anchor tokens)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def tune(self, val: FeatureSet | None) -> dict:
         """After training: hyperparameter searches on the few-shot val draw; returns what was chosen."""
         return {}
@@ -116,6 +136,14 @@ class Method(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         for name, value in state.items():
             setattr(self, name, value)
+
+    def record(self) -> dict:
+        """Entries for metrics.json beside `chosen` (e.g. RTOS's anchor pool: its size and hash)."""
+        return {}
+
+    def files(self) -> dict[str, str]:
+        """Text files for the run folder, {file name: content} (e.g. RTOS's anchor list)."""
+        return {}
 
     def retarget(self, classnames: list[str], text: torch.Tensor) -> None:
         """Point the trained method at another class set (new classes, another dataset) for evaluation.
