@@ -26,8 +26,9 @@ run: install ## the default experiment: Tip-Adapter-F, EuroSAT, 16 shots, RN50/O
 	$(PY) -m clipadapt.prepare eurosat
 	$(PY) -m clipadapt.train $(ARGS)
 
+# The demo's synthetic classes hold 32 images (16 train: the default 16 shots; a class short of K is refused).
 demo: install ## the same pipeline offline, on synthetic images and a tiny random-init CLIP
-	HF_HUB_OFFLINE=1 $(PY) -m clipadapt.train dataset=synthetic backbone=tiny logger=none $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m clipadapt.train dataset=synthetic dataset.images_per_class=32 backbone=tiny logger=none $(ARGS)
 
 train: install ## one cell (or a grid with ARGS='-m ...')
 	$(PY) -m clipadapt.train $(ARGS)
