@@ -19,6 +19,8 @@ Sections (memory and extraction each in a fresh process, so that the peak reside
               over the encoder's own rate on already-decoded tensors, for a random-init CLIP on generated JPEGs.
   memory      peak resident memory while evaluating a 50,000-image dense cache (49 x 1024 fp16 tokens each: 5 GB
               on disk, written to a temporary folder and deleted afterwards) with zero-shot CALIP.
+  cache       the cost of verifying a cached shard's whole content (xxh3-128): hash throughput, and the first open
+              of a ~1 GB shard in a process beside reading the file alone (both from the page cache).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("training", "overhead", "grid", "extraction", "memory")
+SECTIONS = ("training", "overhead", "grid", "extraction", "memory", "cache")
 TRAINED_METHODS = ("tip_adapter_f", "clip_adapter", "calip_fs", "coop")
 # imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101
 BENCHMARK_CLASSES = (1000, 100, 37, 196, 102, 101, 100, 397, 47, 10, 101)
@@ -76,6 +78,7 @@ class Size:
     extraction_workers: tuple[int, ...] = (2, 1)  # the config's default (features.num_workers), and one
     memory_images: int = 50_000
     memory_classes: int = 100
+    cache_shard_mb: int = 1024
 
 
 SIZES = {
@@ -86,7 +89,7 @@ SIZES = {
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
                  extraction_model="clipadapt-tiny-vit",
                  extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=(1,),
-                 memory_images=64, memory_classes=4),
+                 memory_images=64, memory_classes=4, cache_shard_mb=8),
 }
 
 
@@ -544,6 +547,62 @@ def bench_memory(size: Size, args, workdir: Path) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+def read_through(path: Path, chunk: int = 8 << 20) -> None:
+    """Read a file once, as features._content_hash does, without hashing: the floor of verifying it."""
+    buffer = bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
+def best_of(repeats: int, job) -> float:
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        job()
+        walls.append(time.perf_counter() - start)
+    return min(walls)
+
+
+def bench_cache(size: Size, args, workdir: Path) -> list[Row]:
+    from clipadapt import features
+    from clipadapt.features import CacheEntry
+
+    row_shape = (1, size.tokens, size.dim)  # one image's dense tokens: the largest shards the cache holds
+    n = max(1, size.cache_shard_mb * 2**20 // (2 * int(np.prod(row_shape))))
+    block = np.random.default_rng(0).standard_normal((min(n, 256), *row_shape), dtype=np.float32).astype(np.float16)
+    array = np.concatenate([block] * math.ceil(n / len(block)))[:n]  # random numbers repeated: quick to make
+    paths = [f"{i:06d}.jpg" for i in range(n)]
+    entry = CacheEntry(workdir / "entry", {"bench": "cache"})
+    entry.get(paths, lambda missing: array)
+    del array
+    (shard,) = entry.folder.glob("shard-*")
+    file = shard / "features.npy"
+    megabytes = file.stat().st_size / 1e6
+
+    read_through(file)  # into the page cache
+    read_s = best_of(3, lambda: read_through(file))
+    hash_s = best_of(3, lambda: features._content_hash(file))
+
+    def first_open():
+        features._VERIFIED.clear()  # as in a fresh process
+        entry.get(paths, lambda missing: None)
+
+    first_s = best_of(3, first_open)
+    later_s = best_of(3, lambda: entry.get(paths, lambda missing: None))
+    case = f"a {megabytes:.0f} MB dense shard ({n} images x {size.tokens} x {size.dim} fp16), page cache"
+    return [
+        Row("cache", f"xxh3-128 of {case}", "MB/s", megabytes / hash_s,
+            reference=f"reading the file alone: {megabytes / read_s:.0f} MB/s"),
+        Row("cache", f"first open in a process of {case}: whole content verified", "seconds", first_s,
+            reference=f"reading the file alone: {read_s:.3f} s",
+            note=f"later opens in the same process: {later_s * 1e3:.1f} ms (not hashed again)"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -553,7 +612,7 @@ def run_section(section: str, size: Size, args) -> list[Row]:
         if section == "training":
             return bench_training(size, args)
         return {"overhead": bench_overhead, "grid": bench_grid, "extraction": bench_extraction,
-                "memory": bench_memory}[section](size, args, workdir)
+                "memory": bench_memory, "cache": bench_cache}[section](size, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -71,7 +71,7 @@ def test_overwritten_middle_of_a_shard_is_detected_and_recomputed(tmp_path, capl
         again = entry.get(PATHS, compute)
     np.testing.assert_array_equal(again, dense_like(PATHS))
     assert compute.calls == [PATHS, PATHS]
-    assert "content hash differs" in caplog.text and str(array_file.parent) in caplog.text
+    assert "features.npy's content hash differs" in caplog.text and str(array_file.parent) in caplog.text
 
 
 def test_a_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
@@ -84,7 +84,7 @@ def test_a_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
     new_process()
     for _ in range(3):
         entry.get(PATHS[:10], dense_like)
-    assert hashed == [only_shard(entry) / "features.npy"]
+    assert hashed == [only_shard(entry) / "paths.json", only_shard(entry) / "features.npy"]
 
 
 @pytest.mark.parametrize("damage", [

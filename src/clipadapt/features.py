@@ -176,9 +176,8 @@ def _verified(path: Path, expected: str) -> bool:
     return True
 
 
-def _shard_name(paths: list[str]) -> str:
-    """A shard is named by the digest of its image paths, so a damaged paths.json cannot match its folder."""
-    return f"shard-{_digest(paths)}"
+# A shard's files whose xxh3-128 hashes its meta.json holds.
+SHARD_FILES = ("paths.json", "features.npy")
 
 
 def _temporary(final: Path) -> Path:
@@ -230,7 +229,8 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
 def _refuse_non_finite(array: np.ndarray, paths: list[str], folder: Path) -> None:
     """Features with NaN or Inf are never cached: a shard found damaged is recomputed, and if the model itself
     outputs NaN the run stops here instead of recomputing forever or producing NaN logits."""
-    finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    rows = array.reshape(len(array), -1)  # checked in blocks of rows: no temporary as large as the features
+    finite = np.concatenate([np.isfinite(rows[i : i + 1024]).all(axis=1) for i in range(0, len(rows), 1024)])
     if not finite.all():
         raise CacheError(f"{int((~finite).sum())} of {len(paths)} feature rows computed for {folder} hold NaN or "
                          f"Inf (first: {paths[int(np.argmin(finite))]}): the model's output is not finite; nothing "
@@ -287,15 +287,14 @@ class CacheEntry:
     def _open(self, shard: Path) -> list[str] | None:
         """The shard's image paths when its files agree with each other; else None, and the shard is removed."""
         try:
-            paths = json.loads((shard / "paths.json").read_text())
             meta = json.loads((shard / "meta.json").read_text())
+            for name in SHARD_FILES:
+                if not _verified(shard / name, meta["xxh3_128"][name]):
+                    raise ValueError(f"{name}'s content hash differs from meta.json's")
+            paths = json.loads((shard / "paths.json").read_text())
             array = np.load(shard / "features.npy", mmap_mode="r")
-            if shard.name != _shard_name(paths):
-                raise ValueError("paths.json does not match the shard's name")
             if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"] or len(array) != len(paths):
                 raise ValueError("the array's shape or dtype differs from meta.json or paths.json")
-            if not _verified(shard / "features.npy", meta["xxh3_128"]):
-                raise ValueError("features.npy's content hash differs from meta.json's")
             return paths
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning("cache shard %s is corrupt (%s): removing it and recomputing its images", shard, error)
@@ -304,18 +303,19 @@ class CacheEntry:
 
     def _write(self, paths: list[str], array: np.ndarray) -> None:
         _refuse_non_finite(array, paths, self.folder)
-        final = self.folder / _shard_name(paths)
+        final = self.folder / f"shard-{_digest(paths)}"
         meta = {"shape": list(array.shape), "dtype": str(array.dtype)}
 
         def write(tmp: Path) -> None:
             tmp.mkdir()
             (tmp / "paths.json").write_text(json.dumps(paths))
             np.save(tmp / "features.npy", array)
-            meta["xxh3_128"] = _content_hash(tmp / "features.npy")  # of the bytes as written, read back
+            meta["xxh3_128"] = {name: _content_hash(tmp / name) for name in SHARD_FILES}  # as written, read back
             (tmp / "meta.json").write_text(json.dumps(meta))
 
         _write_atomically(final, write)
-        _VERIFIED.add(_identity(final / "features.npy", meta["xxh3_128"]))  # a rename keeps inode and mtime
+        for name in SHARD_FILES:  # known good: a rename keeps inode and mtime
+            _VERIFIED.add(_identity(final / name, meta["xxh3_128"][name]))
 
     def _gather(self, paths: list[str], index: dict[str, tuple[Path, int]]) -> np.ndarray:
         shards = {shard for shard, _ in (index[p] for p in paths)}
