@@ -96,8 +96,8 @@ class Progress:
         self.done += n
         self.info.update(info)
         if self._bar is not None:
-            if info:
-                self._bar.set_postfix(self._shown_info(), refresh=False)
+            if info:  # shown now when nothing else moves the bar (update(0, loss=...) at the end of an epoch)
+                self._bar.set_postfix(self._shown_info(), refresh=n == 0)
             self._bar.update(n)
         elif self.mode == "log" and time.monotonic() - self.last_line >= self.interval:
             self._log_line()
