@@ -6,8 +6,9 @@ features; the last tests run the whole cell through run() on synthetic images.
 
 from __future__ import annotations
 
-import json
+import hashlib
 
+import dataset_trees as trees
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,10 @@ from omegaconf import OmegaConf
 from clipadapt.engine import fit, predict
 from clipadapt.features import FeatureSet
 from clipadapt.methods import Batch, FewShotTask, build_method
-from clipadapt.methods.rtos import AnchorSchema, anchor_vocabulary
+from clipadapt.methods.rtos import AnchorSchema, anchor_pool, draw_anchors
 from clipadapt.run import run
+from clipadapt.vocab import dataset_classnames, normalise
+from conftest import compose_config
 
 CLASSES = ["red circle", "blue square", "green triangle", "yellow star", "purple hexagon"]
 TEMPLATE = "a photo of a {}."
@@ -162,25 +165,32 @@ def test_random_anchor_tokens(backbone, tmp_path):
     assert 0.01 < std < 0.03  # N(0, 0.02^2)
 
 
-def test_vocabulary_sources_exclusion_and_seeded_draw(tmp_path):
-    split = {"train": [["a.jpg", 0, "Sea_Turtle"], ["b.jpg", 1, "kettle"]], "val": [], "test": [["c.jpg", 2, "sofa"]]}
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "split_other.json").write_text(json.dumps(split))
-    (tmp_path / "imagenet").mkdir()
-    (tmp_path / "imagenet" / "classnames.txt").write_text("n01443537 goldfish\nn01484850 great white shark\n")
-    (tmp_path / "fgvc_aircraft").mkdir()
-    (tmp_path / "fgvc_aircraft" / "variants.txt").write_text("707-320\nA380\n")
+def test_pool_is_the_shipped_class_lists_and_words_without_the_evaluated_datasets(tmp_path):
     cfg = OmegaConf.structured(AnchorSchema)
-    cfg.words_file, cfg.datasets_root = words_file(tmp_path, ["sea turtle", "Dog", "dog", "red circle"]), str(tmp_path)
-    names = anchor_vocabulary(cfg, targets=["red_circle"])
-    # cross-dataset names first (class lists in path order), then the words; de-duplicated, the target dropped
-    assert names == ["707-320", "A380", "goldfish", "great white shark", "Sea Turtle", "kettle", "sofa", "Dog"]
-    cfg.num = 2
-    drawn = anchor_vocabulary(cfg, targets=["red_circle"])
-    assert len(drawn) == 2 and drawn == anchor_vocabulary(cfg, targets=["red_circle"])
-    cfg.datasets_root = str(tmp_path / "absent")  # no prepared datasets: the word list alone
-    cfg.num = 100
-    assert anchor_vocabulary(cfg, targets=[]) == ["sea turtle", "Dog", "red circle"]
+    cfg.words_file = words_file(tmp_path, ["sea turtle", "Dog", "dog", "red circle", "Forest"])
+    cfg.datasets = ["eurosat", "fgvc_aircraft", "dtd"]
+    pool = anchor_pool(cfg, targets=["red_circle"], evaluated_datasets=["dtd"])
+    # shipped lists in the configured order (the evaluated dtd left out), then the words; de-duplicated, targets dropped
+    expected = [*dataset_classnames("eurosat"), *dataset_classnames("fgvc_aircraft"), "sea turtle", "Dog"]
+    assert pool == expected and "banded" not in pool
+    pool = anchor_pool(cfg, targets=[], evaluated_datasets=["eurosat"])  # every EuroSAT class out, "Forest" included
+    assert not {normalise(n) for n in pool} & {normalise(n) for n in dataset_classnames("eurosat")}
+    drawn = draw_anchors(pool, 7, seed=0)
+    assert len(drawn) == 7 and drawn == draw_anchors(pool, 7, seed=0) and drawn != draw_anchors(pool, 7, seed=1)
+    assert draw_anchors(pool, 10_000, seed=0) == pool
+    cfg.datasets = None  # all 11 shipped lists; ImageNet's variants stand for ImageNet
+    names = {normalise(n) for n in anchor_pool(cfg, targets=[], evaluated_datasets=["imagenet_a"])}
+    assert "goldfish" not in names and "apple pie" in names and "707-320" in names
+    cfg.datasets = ["eurosat", "mnist"]
+    with pytest.raises(ValueError, match=r"method.anchors.datasets has \['mnist'\], which ship no class list"):
+        anchor_pool(cfg, targets=[], evaluated_datasets=[])
+
+
+def test_anchor_tokens_take_no_weight_decay(backbone, tmp_path):
+    method = rtos(make_task(backbone), tmp_path, **{"train.weight_decay": 0.5})
+    decay = {id(p): group.get("weight_decay") for group in method.parameter_groups() for p in group["params"]}
+    assert decay == {id(method.query): None, id(method.key): None, id(method.anchors.offset): 0.0}
+    fit(method, make_task(backbone).train, seed=1)  # the loop builds its optimiser from these groups
 
 
 def test_retarget_recomputes_the_relation_for_other_classes(backbone, tmp_path):
@@ -199,8 +209,10 @@ def test_retarget_recomputes_the_relation_for_other_classes(backbone, tmp_path):
 def test_features_file_has_no_text_tower(backbone, tmp_path):
     task = make_task(backbone)
     task.prompt_encoder = None
-    with pytest.raises(ValueError, match="features file"):
+    with pytest.raises(ValueError, match="rtos runs CLIP's text tower on learned anchor tokens, which a features file"):
         rtos(task, tmp_path)
+    with pytest.raises(ValueError, match="rtos_zs runs CLIP's text tower on its anchor prompts, which a features file"):
+        rtos(task, tmp_path, name="rtos_zs")
 
 
 @pytest.mark.parametrize("method", ["rtos", "rtos_zs"])
@@ -210,5 +222,23 @@ def test_cell_end_to_end(tiny_config, tmp_path, method):
     assert metrics["protocol"]["method_fidelity"] == "reconstructed"
     assert metrics["chosen"]["num_anchors"] == 24 and "alpha" in metrics["chosen"]
     assert len(metrics["train/loss_history"]) == (1 if method == "rtos" else 0)
-    assert 0 <= metrics["test/acc"] <= 100
-    assert cfg.method.anchors.datasets_root == cfg.paths.data_root  # cross-dataset names read from the data root
+    assert 0 <= metrics["test/acc"] <= 100 and 0 <= metrics["chosen"]["val_acc"] <= 100  # both in percent
+    anchors = (tmp_path / "anchors.txt").read_text()
+    assert len(anchors.splitlines()) == 24 and metrics["anchors"]["pool_size"] > 24
+    assert metrics["anchors"]["sha256"] == hashlib.sha256(anchors.encode()).hexdigest()
+
+
+def test_base_to_new_anchor_pool_holds_no_class_of_the_target(tmp_path):
+    """On EuroSAT base-to-new, neither base nor new classes (nor any EuroSAT class) may become anchors, whatever is
+    prepared under the data root: here EuroSAT alone, whose split file must not be read for anchors."""
+    trees.build(tmp_path / "data", "eurosat")
+    cfg = compose_config(["backbone=tiny", "dataset=eurosat", "logger=none", "features.num_workers=0",
+                          "method=rtos_zs", "shots=1", "protocol.task=base_to_new", "method.anchors.num=100000"],
+                         tmp_path)
+    metrics = run(cfg, tmp_path / "out")
+    anchors = {normalise(n) for n in (tmp_path / "out" / "anchors.txt").read_text().splitlines()}
+    mini = [name for _, name in trees.SPLIT_LAYOUTS["eurosat"][3]]  # "Annual Crop Land", "Forest", "Sea or Lake"
+    assert metrics["protocol"]["new_classes"] == 1 and "sea or lake" in {normalise(n) for n in mini}
+    assert not anchors & {normalise(n) for n in [*mini, *dataset_classnames("eurosat")]}
+    assert {"goldfish", "apple pie", "banded"} <= anchors  # the other datasets' shipped lists, none of them prepared
+    assert len(anchors) == metrics["anchors"]["pool_size"] and metrics["anchors"]["excluded_datasets"] == ["eurosat"]

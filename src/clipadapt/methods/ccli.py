@@ -292,7 +292,7 @@ class CCLI(Method):
         start = grid.new_tensor([np.log(self.beta), self.alpha, self.gamma])
         b, a, g = best[((grid - start).abs() / spread).sum(1).argmin()].tolist()
         self.beta, self.alpha, self.gamma = float(betas[b]), float(alphas[a]), float(gammas[g])
-        chosen.update(alpha=self.alpha, beta=self.beta, gamma=self.gamma, val_acc=float(scores.max()))
+        chosen.update(alpha=self.alpha, beta=self.beta, gamma=self.gamma, val_acc=100 * float(scores.max()))  # percent
         return chosen
 
     def top_concepts(self, per_class: int = 5) -> dict[str, list[str]]:

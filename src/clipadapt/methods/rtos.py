@@ -11,21 +11,24 @@ Reconstructed (the spec's recommended reading; every open choice is a config key
 - anchor prompt "a photo of a {anchor}." with only the anchor's own BPE tokens learnable (init from the
   token-embedding table, or one N(0, 0.02^2) token per anchor with `anchors.init=random`); template, SOS/EOT,
   positions and the tower are frozen and cached, and sequences are cut after the longest end token;
-- anchor vocabulary: class names of the other prepared benchmark datasets (their class lists under the data root)
-  plus a word list (default: the packaged open_concepts.txt), target names removed, `anchors.num` drawn by a
-  seeded permutation;
+- anchor vocabulary: class names of the other benchmark datasets (the lists shipped in clipadapt/vocab/classes/,
+  so the pool does not depend on which datasets are prepared) plus a word list (default: the packaged
+  open_concepts.txt). Every class of every dataset the cell is evaluated on is kept out: the task's classes (base
+  and new), its dataset's whole shipped list, and those of transfer targets. `anchors.num` are drawn by a seeded
+  permutation; the pool's size and the anchors' hash go to metrics.json, the anchors to anchors.txt;
 - relation R = softmax over anchors of cos(T, A) / tau_r (C x M); RTM: one cross-attention
   Att = softmax(f W_q (A W_k)^T / tau_a), O = Att R^T, with W_q, W_k identity-initialised (so step 0 is the
   training-free transition), optional heads and LayerNorm, no value projection and no FFN;
 - logits = 100 f T^T + alpha * s_rt * O (or log O), cross-entropy; alpha searched on the few-shot val draw;
 - optimiser: the shared loop's AdamW at `train.lr` (the RTM's rate). The anchors get their own rate
   `anchors.lr` by parameterising them as init + (anchors.lr / train.lr) * offset: Adam's step is invariant to
-  gradient scale, so the offset moves at train.lr and the tokens at anchors.lr. The loop's weight decay then
-  pulls the offset (not the tokens) towards zero, i.e. the anchors towards their initial words.
+  gradient scale, so the offset moves at train.lr and the tokens at anchors.lr. Weight decay applies to the RTM
+  only: the offset is a parameter group of its own with none (spec section 3: 0 on anchor tokens).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from torch import nn
 
 from clipadapt.features import unit_rows
 from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
-from clipadapt.vocab import cross_dataset_names, read_words, unique
+from clipadapt.vocab import dataset_classnames, read_words, shipped_datasets, unique
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,7 @@ RANDOM_PLACEHOLDER = "x"  # one BPE token whose embedding a random anchor token 
 class AnchorSchema:
     sources: list[str] = field(default_factory=lambda: ["cross_dataset", "words"])  # cross_dataset | words
     words_file: Optional[str] = None  # null: the packaged clipadapt/vocab/open_concepts.txt
-    datasets_root: Optional[str] = None  # where prepared datasets live (conf/method/rtos.yaml: ${paths.data_root})
-    class_lists: list[str] = field(default_factory=lambda: [  # below datasets_root: whose class names become anchors
-        "*/split_*.json", "imagenet/classnames.txt", "fgvc_aircraft/variants.txt"])
+    datasets: Optional[list[str]] = None  # cross_dataset: whose shipped class lists; null: all 11 benchmarks
     num: int = 1000  # M (fewer when the pool is smaller)
     seed: int = 0  # the permutation that draws M names from the pool
     init: str = "names"  # names: the words' token embeddings | random: one N(0, init_std^2) token per anchor
@@ -59,7 +60,7 @@ class AnchorSchema:
     template: str = "a photo of a {}."
     learnable: bool = True
     lr: float = 2e-3  # the anchor tokens' learning rate (train.lr is the RTM's)
-    exclude_targets: bool = True  # drop pool names equal to a target class name
+    exclude_targets: bool = True  # keep every class of the evaluated datasets out (false: an ablation, leaky)
 
 
 @dataclass
@@ -108,24 +109,69 @@ class RTOSZeroShotSchema(RTOSSchema):
     train: TrainSchema = field(default_factory=lambda: TrainSchema(epochs=0))
 
 
-def anchor_vocabulary(cfg: AnchorSchema, targets: list[str]) -> list[str]:
-    """The anchor names: the configured sources, de-duplicated, targets removed, `num` drawn by a seeded permutation."""
+def anchor_pool(cfg: AnchorSchema, targets: list[str], evaluated_datasets: list[str]) -> list[str]:
+    """Every candidate anchor name: the configured sources, de-duplicated, without any class of the evaluated datasets
+    (`targets`, the task's own class names, plus the shipped lists of `evaluated_datasets`)."""
+    excluded = [*targets, *(name for d in evaluated_datasets for name in dataset_classnames(d))]
+    if not cfg.exclude_targets:
+        excluded = []
     pool: list[str] = []
     for source in cfg.sources:
         if source == "words":
             pool += read_words(cfg.words_file, "open_concepts.txt")
         elif source == "cross_dataset":
-            pool += cross_dataset_names(cfg.datasets_root, list(cfg.class_lists))
+            datasets = shipped_datasets() if cfg.datasets is None else list(cfg.datasets)
+            unknown = sorted(set(datasets) - set(shipped_datasets()))
+            if unknown:
+                raise ValueError(f"method.anchors.datasets has {unknown}, which ship no class list: "
+                                 f"use some of {shipped_datasets()}")
+            evaluated = set(evaluated_datasets) if cfg.exclude_targets else set()
+            pool += [name for d in datasets if d not in evaluated for name in dataset_classnames(d)]
         else:
             raise ValueError(f"method.anchors.sources has {source!r}: use cross_dataset and/or words")
-    pool = unique(pool, exclude=targets if cfg.exclude_targets else ())
+    pool = unique(pool, exclude=excluded)
     if not pool:
         raise ValueError(f"no anchor names left from sources {list(cfg.sources)}: add a word list "
-                         f"(method.anchors.words_file=...) or prepare other datasets")
-    if len(pool) > cfg.num:
-        keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.num]
-        pool = [pool[i] for i in sorted(keep.tolist())]
+                         f"(method.anchors.words_file=...) or another source")
     return pool
+
+
+def draw_anchors(pool: list[str], num: int, seed: int) -> list[str]:
+    """`num` names of the pool (all when it is smaller), drawn by a seeded permutation, in pool order."""
+    if len(pool) <= num:
+        return list(pool)
+    keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:num]
+    return [pool[i] for i in sorted(keep.tolist())]
+
+
+def tokenized(encoder: nn.Module, template: str, words: list[str]):
+    """(start, ids, counts, own): where the word starts in the template's tokens, the prompts' token ids, each word's
+    token count inside the prompt and alone (they differ where CLIP's BPE joins the word to the template)."""
+    if template.count("{}") != 1:
+        raise ValueError(f"method.anchors.template={template!r} must contain exactly one {{}}")
+    start = int(encoder.tokenize([template.split("{}")[0]]).argmax(-1)[0])  # SOS + prefix tokens
+    suffix = int(encoder.tokenize([template.format("")]).argmax(-1)[0]) - start  # tokens after the anchor
+    ids = encoder.tokenize([template.format(w) for w in words])
+    end = ids.argmax(-1)
+    if int(end.max()) >= ids.shape[1] - 1:
+        raise ValueError(f"anchor prompt for {words[int(end.argmax())]!r} does not fit CLIP's context: "
+                         f"shorten the names or the template")
+    return start, ids, end - start - suffix, encoder.tokenize(words).argmax(-1) - 1
+
+
+def merge_error(template: str) -> ValueError:
+    return ValueError(f"method.anchors.template={template!r} merges tokens with the anchor word: "
+                      f"separate {{}} from the template's words by spaces or punctuation")
+
+
+def separable(encoder: nn.Module, template: str, names: list[str]) -> list[str]:
+    """The names that keep their own tokens inside the template. CLIP's BPE joins runs of punctuation, so ImageNet's
+    "kite (bird of prey)" in "a photo of a {}." ends in one ")." token, which would make the full stop learnable."""
+    _, _, counts, own = tokenized(encoder, template, names)
+    kept = [name for name, same in zip(names, (counts == own).tolist()) if same]
+    if names and not kept:
+        raise merge_error(template)
+    return kept
 
 
 class AnchorPrompts(nn.Module):
@@ -138,25 +184,12 @@ class AnchorPrompts(nn.Module):
     def __init__(self, encoder: nn.Module, names: list[str], template: str, init: str, init_std: float,
                  lr_scale: float, learnable: bool):
         super().__init__()
-        if template.count("{}") != 1:
-            raise ValueError(f"method.anchors.template={template!r} must contain exactly one {{}}")
-        prefix = template.split("{}")[0]
-        start = int(encoder.tokenize([prefix]).argmax(-1)[0])  # SOS + prefix tokens
-        suffix = int(encoder.tokenize([template.format("")]).argmax(-1)[0]) - start  # tokens after the anchor
         words = names if init == "names" else [RANDOM_PLACEHOLDER] * len(names)
-        ids = encoder.tokenize([template.format(w) for w in words])
-        end = ids.argmax(-1)
-        if int(end.max()) >= ids.shape[1] - 1:
-            longest = words[int(end.argmax())]
-            raise ValueError(f"anchor prompt for {longest!r} does not fit CLIP's context: "
-                             f"shorten the names or the template")
-        lengths = end - start - suffix
-        own = encoder.tokenize(words).argmax(-1) - 1  # each word's token count when tokenised alone
+        start, ids, lengths, own = tokenized(encoder, template, words)
         if not torch.equal(lengths, own):
-            raise ValueError(f"method.anchors.template={template!r} merges tokens with the anchor word: "
-                             f"separate {{}} from the template's words by spaces or punctuation")
+            raise merge_error(template)
         span = int(lengths.max())
-        ids = ids[:, : int(end.max()) + 1]  # the causal tower never reads past the last end token
+        ids = ids[:, : int(ids.argmax(-1).max()) + 1]  # the causal tower never reads past the last end token
         with torch.no_grad():
             embeddings = encoder.embed(ids).float()
         mask = torch.arange(span, device=ids.device)[None] < lengths[:, None]
@@ -201,11 +234,17 @@ class RTOS(Method):
                                     ("rtm.init", cfg.rtm.init, ("identity", "xavier"))):
             if value not in allowed:
                 raise ValueError(f"method.{key}={value!r}: use one of {allowed}")
-        self.encoder = task.text_tower(cfg.name)
+        purpose = "on learned anchor tokens" if cfg.anchors.learnable else "on its anchor prompts"
+        self.encoder = task.text_tower(cfg.name, purpose)
         if cfg.anchors.init == "random":
-            names = [f"random {i}" for i in range(cfg.anchors.num)]
+            self.pool_size, names = cfg.anchors.num, [f"random {i}" for i in range(cfg.anchors.num)]
         else:
-            names = anchor_vocabulary(cfg.anchors, task.classnames)
+            pool = anchor_pool(cfg.anchors, [*task.classnames, *task.new_classnames], task.evaluated_datasets)
+            kept = separable(self.encoder, cfg.anchors.template, pool)
+            if len(kept) < len(pool):
+                merged = sorted(set(pool) - set(kept))
+                log.info("rtos: %d pool names left out, their tokens merge with the template: %s", len(merged), merged)
+            self.pool_size, names = len(kept), draw_anchors(kept, cfg.anchors.num, cfg.anchors.seed)
         self.anchor_names = names
         self.anchors = self._anchor_prompts(names)
         log.info("rtos: %d anchors (%s), %d learnable tokens of width %d", len(names), cfg.anchors.init,
@@ -304,6 +343,30 @@ class RTOS(Method):
         super().retarget(classnames, text)  # the relation is recomputed from the new class text: any class set works
         self._frozen_state = None
 
+    def parameter_groups(self) -> list[dict]:
+        """The RTM at train.weight_decay, the anchor tokens without weight decay (spec section 3)."""
+        tokens = self.anchors.offset
+        rtm = [p for p in self.parameters() if p.requires_grad and p is not tokens]
+        groups = [{"params": rtm}]
+        if tokens.requires_grad:
+            groups.append({"params": [tokens], "weight_decay": 0.0})
+        return [group for group in groups if group["params"]]
+
+    # ----------------------------------------------------------------- what the run folder keeps
+    def anchors_file(self) -> str:
+        return "".join(f"{name}\n" for name in self.anchor_names)
+
+    def record(self) -> dict:
+        """The anchor pool, so that a result says which words it used (anchors.txt holds them, one a line)."""
+        return {"anchors": {
+            "pool_size": self.pool_size, "num_anchors": len(self.anchor_names), "file": "anchors.txt",
+            "sha256": hashlib.sha256(self.anchors_file().encode("utf-8")).hexdigest(),
+            "excluded_datasets": list(self.task.evaluated_datasets) if self.cfg.anchors.exclude_targets else [],
+        }}
+
+    def files(self) -> dict[str, str]:
+        return {"anchors.txt": self.anchors_file()}
+
     # ----------------------------------------------------------------- after training
     @torch.no_grad()
     def diagnostics(self) -> dict:
@@ -321,23 +384,23 @@ class RTOS(Method):
     @torch.no_grad()
     def tune(self, val):
         chosen = {"alpha": self.alpha, **self.diagnostics()}
+        search = self.cfg.search
         if val is None or len(val) == 0:
-            return chosen
+            return {**chosen, "search": "not run: no val draw"}
         image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=image.device)
         zero_shot, transition = self.zero_shot_logits(image), self.transition_logits(image)
-        accuracy = lambda logits: (logits.argmax(-1) == labels).float().mean(-1)  # noqa: E731
+        accuracy = lambda logits: 100 * (logits.argmax(-1) == labels).float().mean(-1)  # noqa: E731  (percent)
         chosen.update(val_acc_fixed_alpha=float(accuracy(zero_shot + self.alpha * transition)),
                       val_acc_transition_only=float(accuracy(transition)))
-        search = self.cfg.search
-        if search.enabled:
-            alphas = torch.linspace(search.alpha_min, search.alpha_max, search.steps, device=image.device)
-            scores = accuracy(zero_shot + alphas[:, None, None] * transition)  # [A]
-            best = torch.nonzero(scores == scores.max()).flatten()
-            # ties (common on a few-shot val draw) go to the alpha nearest the configured one
-            self.alpha = float(alphas[best[(alphas[best] - self.alpha).abs().argmin()]])
-            chosen.update(alpha=self.alpha, val_acc=float(scores.max()))
-        return chosen
+        if not search.enabled:
+            return {**chosen, "search": "not run: method.search.enabled=false"}
+        alphas = torch.linspace(search.alpha_min, search.alpha_max, search.steps, device=image.device)
+        scores = accuracy(zero_shot + alphas[:, None, None] * transition)  # [A]
+        best = torch.nonzero(scores == scores.max()).flatten()
+        # ties (common on a few-shot val draw) go to the alpha nearest the configured one
+        self.alpha = float(alphas[best[(alphas[best] - self.alpha).abs().argmin()]])
+        return {**chosen, "alpha": self.alpha, "val_acc": float(scores.max())}
 
 
 @register_method("rtos_zs")

@@ -1,22 +1,21 @@
 """Word lists for methods that score images against text outside the label set (RTOS anchors, CCLI concepts).
 
 Shipped lists (package data, one entry a line, `#` starts a comment):
-- `open_concepts.txt`: generic object, animal, food, scene and material nouns (RTOS's default open-semantic anchors
-  when no other benchmark dataset is prepared).
+- `classes/<dataset>.txt`: the class names of each of the 11 benchmark datasets, in label order, as CoOp's split
+  files (or ImageNet's classnames.txt, FGVC-Aircraft's variants.txt) name them: RTOS draws anchors from the other
+  datasets' lists and keeps every class of the datasets it is evaluated on out, whichever datasets are prepared.
+- `open_concepts.txt`: generic object, animal, food, scene and material nouns (RTOS's other anchor source).
 - `visual_attributes.txt`: colours, patterns, textures, shapes, materials, object/animal/plant parts, viewpoints
   and photographic conditions (CCLI's default text concepts). It holds no class name of the benchmark datasets
   (checked against every class list available to the tests).
 
-Both were written for this project; neither is the list the papers used (which are not available).
+The last two were written for this project; neither is the list the papers used (which are not available).
 """
 
 from __future__ import annotations
 
-import logging
 from importlib import resources
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def normalise(name: str) -> str:
@@ -41,35 +40,20 @@ def read_words(path: str | Path | None, packaged: str) -> list[str]:
     return words
 
 
-def class_names_in(path: Path) -> list[str]:
-    """A prepared dataset's class list: a CoOp split file (.json), ImageNet's classnames.txt ("wnid name" lines)
-    or any other text file with one class name a line (e.g. FGVC-Aircraft's variants.txt)."""
-    from clipadapt.data.benchmarks import read_classnames
-    from clipadapt.data.registry import classnames_of, read_split_file
+def dataset_classnames(dataset: str) -> list[str]:
+    """A benchmark dataset's class names as shipped in `classes/<dataset>.txt`, or [] for one without a list.
 
-    if path.suffix == ".json":
-        split = read_split_file(path)
-        return classnames_of(split["train"], split["val"], split["test"])
-    if path.name == "classnames.txt":
-        return list(read_classnames(path).values())
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ImageNet's variants (imagenet_v2, _sketch, _a, _r) are labelled in ImageNet's classes: they get ImageNet's list.
+    """
+    listed = "imagenet" if dataset.startswith("imagenet_") else dataset
+    packaged = resources.files(__name__).joinpath("classes", f"{listed}.txt")
+    return read_words(None, f"classes/{listed}.txt") if packaged.is_file() else []
 
 
-def cross_dataset_names(root: str | Path | None, patterns: list[str]) -> list[str]:
-    """Class names of the prepared datasets under `root` whose class lists match `patterns`; [] when none."""
-    from clipadapt.data.registry import DatasetError
-
-    if root is None or not Path(root).is_dir():
-        log.info("no prepared datasets under %s: cross-dataset names skipped", root)
-        return []
-    names: list[str] = []
-    for path in sorted({p for pattern in patterns for p in Path(root).glob(pattern)}):
-        try:
-            names += class_names_in(path)
-        except (DatasetError, UnicodeDecodeError) as error:  # a half-prepared or foreign file is not worth a failed run
-            log.warning("skipping %s for cross-dataset names: %s", path, error)
-    log.info("%d cross-dataset class names from %s", len(names), root)
-    return names
+def shipped_datasets() -> list[str]:
+    """The datasets whose class lists ship with the package (the 11 benchmarks), sorted."""
+    folder = resources.files(__name__).joinpath("classes")
+    return sorted(entry.name.removesuffix(".txt") for entry in folder.iterdir() if entry.name.endswith(".txt"))
 
 
 def unique(names: list[str], exclude: list[str] = ()) -> list[str]:
