@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from clipadapt.features import Batch, FeatureSet, read_rows, unit_rows
+from clipadapt.features import Batch, FeatureSet, read_rows, to_tensor, unit_rows
 from clipadapt.progress import progress
 
 if TYPE_CHECKING:  # the method registry imports method modules, some of which train through this loop
@@ -81,12 +81,13 @@ def make_schedule(optimizer, train, steps_per_epoch: int):
     return SequentialLR(optimizer, [LinearLR(optimizer, start, end, total_iters=warmup), main], milestones=[warmup])
 
 
-def to_batch(image: np.ndarray, dense: np.ndarray | None, device: torch.device) -> Batch:
-    """Cached (fp16, possibly memory-mapped) rows as float32 unit vectors on the device.
+def to_batch(image: np.ndarray, dense: np.ndarray | None, device: torch.device, unit: bool = True) -> Batch:
+    """Cached (fp16, possibly memory-mapped) rows as float32 unit vectors on the device (`unit=False`: as cached).
 
     Re-normalising in float32 undoes fp16 storage's rounding of the norm, so every method sees unit features.
     """
-    return Batch(image=unit_rows(image, device), dense=None if dense is None else unit_rows(dense, device))
+    rows = unit_rows if unit else to_tensor
+    return Batch(image=rows(image, device), dense=None if dense is None else rows(dense, device))
 
 
 def _dense_of(method: Method, features: FeatureSet) -> np.ndarray | None:
@@ -268,7 +269,7 @@ def predict(method: Method, features: FeatureSet, batch_size: int = 1024) -> tor
     for start in range(0, len(features), batch_size):
         stop = start + batch_size  # contiguous rows: one file read each, nothing left mapped (see read_rows)
         batch = to_batch(read_rows(features.image, start, stop)[:, 0],
-                         None if dense is None else read_rows(dense, start, stop)[:, 0], device)
+                         None if dense is None else read_rows(dense, start, stop)[:, 0], device, method.unit_features)
         outputs.append(method(batch).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, method.text.shape[0])
 
