@@ -151,7 +151,7 @@ _VERIFIED: set[tuple] = set()
 
 
 def _content_hash(path: Path, chunk: int = 8 << 20) -> str:
-    """xxh3-128 of the whole file (~25 GB/s: verifying a shard costs about what reading it once does), read with
+    """xxh3-128 of the whole file (GB/s: a shard's first open costs ~1.5x reading it, `make bench`), read with
     plain reads into one buffer, so that the pages stay in the page cache and not in this process's memory."""
     digest, buffer = xxhash.xxh3_128(), bytearray(chunk)
     view = memoryview(buffer)
@@ -240,9 +240,9 @@ def _refuse_non_finite(array: np.ndarray, paths: list[str], folder: Path) -> Non
 class CacheEntry:
     """One (backbone, dataset, view, kind) entry: a set of immutable shards keyed by image path.
 
-    A shard's meta.json holds the xxh3-128 hash of its whole features.npy, checked the first time a process opens
-    it; a shard whose files disagree (truncated, overwritten, a damaged paths.json or meta.json) is removed and its
-    images recomputed. Temporary folders of killed writers are removed under the lock.
+    A shard's meta.json holds the xxh3-128 hashes of its whole paths.json and features.npy, checked the first time
+    a process opens it; a shard whose files disagree (truncated, overwritten, a damaged paths.json or meta.json) is
+    removed and its images recomputed. Temporary folders of killed writers are removed under the lock.
     """
 
     def __init__(self, folder: Path, key: dict):
@@ -278,8 +278,9 @@ class CacheEntry:
 
     def _index(self) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}
-        for shard in sorted(self.folder.glob("shard-*")):
-            shard_paths = None if _writer_pid(shard) is not None else self._open(shard)
+        shards = [s for s in sorted(self.folder.glob("shard-*")) if _writer_pid(s) is None]  # not temporaries
+        for shard in shards:
+            shard_paths = self._open(shard)
             if shard_paths is not None:
                 index.update((p, (shard, row)) for row, p in enumerate(shard_paths))
         return index
