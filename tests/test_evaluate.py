@@ -23,13 +23,15 @@ from clipadapt.run import few_shot_task, image_task_data, no_features, run
 from conftest import TINY, compose_config
 
 QUICK = ["shots=2", "++method.train.epochs=1"]
+SHORT_SEARCH = {"linear_probe": ["++method.c_grid=[0.1,10.0]", "++method.c_refine_steps=1", "++method.max_iter=100"],
+                "calip": ["++method.search.steps=5"], "calip_fs": ["++method.search.steps=5"],
+                "ship": ["protocol.task=base_to_new", "++method.generator.train.epochs=1"]}  # label-only classes
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_saved_state_gives_the_same_logits_without_the_train_features(tiny_config, tmp_path, name):
     """Train, tune, save; rebuild on an EMPTY train set under another seed, load: bit-identical test logits."""
-    extra = ["protocol.task=base_to_new", "++method.generator.train.epochs=1"] if name == "ship" else []
-    cfg = tiny_config(f"method={name}", *QUICK, *extra)
+    cfg = tiny_config(f"method={name}", *QUICK, *SHORT_SEARCH.get(name, []))
     needs_dense = METHODS[name].needs_dense
     plan = protocols.setup(cfg, image_task_data(cfg, needs_dense, torch.device("cpu")))
     task = few_shot_task(cfg, plan, torch.device("cpu"))
@@ -55,7 +57,7 @@ def test_the_state_file_leaves_the_text_tower_out(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("name", ["tip_adapter_f", "coop", "clip_adapter", "linear_probe", "calip"])
 def test_evaluate_prints_the_runs_test_accuracy(tiny_config, tmp_path, capsys, name):
-    metrics = run(tiny_config(f"method={name}", *QUICK), tmp_path)
+    metrics = run(tiny_config(f"method={name}", *QUICK, *SHORT_SEARCH.get(name, [])), tmp_path)
     capsys.readouterr()
     assert main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()

@@ -80,6 +80,13 @@ def with_transfer_task(cfg: DictConfig, trained_task: str) -> DictConfig:
     return cfg
 
 
+def int_keys(node):
+    """JSON wrote the int keys of dict[int, ...] options (CoOp's epochs_by_shots) as strings: ints again."""
+    if isinstance(node, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: int_keys(v) for k, v in node.items()}
+    return [int_keys(v) for v in node] if isinstance(node, list) else node
+
+
 def task_data(cfg: DictConfig, needs_dense: bool, device: torch.device):
     """The run's data as run.py reads it, without the draw's features: test sets and class texts only."""
     from clipadapt.run import file_task_data, image_task_data, no_features
@@ -98,7 +105,7 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> tuple[dict, dict]:
 
     metrics, state = read_run(Path(run_dir))
     cfg = with_overrides(metrics["config"], list(overrides))
-    method_cfg = method_config(OmegaConf.create(metrics["method_config"]))  # as run: e.g. CoOp's epochs resolved
+    method_cfg = method_config(OmegaConf.create(int_keys(metrics["method_config"])))  # as run (CoOp's epochs resolved)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = task_data(cfg, METHODS[method_cfg.name].needs_dense, device)
