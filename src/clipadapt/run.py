@@ -194,7 +194,8 @@ def few_shot_task(cfg: DictConfig, plan: protocols.Plan, device: torch.device) -
 
 def with_method_templates(cfg: DictConfig, method_cfg: DictConfig) -> DictConfig:
     """The run config with the method's template policy applied: `method.template_set` (set per dataset in
-    conf/dataset_method/, e.g. Tip-Adapter's ImageNet ensemble) picks the dataset's prompts; null keeps the dataset's."""
+    conf/dataset_method/, e.g. Tip-Adapter's ImageNet ensemble) picks the dataset's prompts; null keeps the
+    dataset's own."""
     wanted, chosen = method_cfg.template_set, cfg.dataset.get("template_set")
     if wanted is None or wanted == chosen:
         return cfg
