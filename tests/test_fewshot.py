@@ -60,3 +60,34 @@ def test_fewshot_cli_missing_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "clipadapt.fewshot", "--split-file", str(tmp_path / "x.json"),
                              "--shots", "1", "--seed", "1"], capture_output=True, text=True)
     assert result.returncode == 2 and "x.json is missing" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def imagenet_style_draw(train: list[tuple[str, int]], shots: int, seed: int) -> tuple[list[str], list[str]]:
+    """protocol.md for a dataset without a val split: the train draw, then min(K, 4) per label from the train images
+    it left (in list order), continuing the same `random` stream."""
+    random.seed(seed)
+    drawn = []
+    pool = train
+    for k in (shots, min(shots, 4)):
+        by_label = defaultdict(list)
+        for path, label in pool:
+            by_label[label].append(path)
+        part = []
+        for paths in by_label.values():
+            part.extend(random.sample(paths, k) if len(paths) >= k else paths)
+        drawn.append(part)
+        pool = [(path, label) for path, label in pool if path not in set(part)]
+    return drawn[0], drawn[1]
+
+
+@pytest.mark.parametrize("shots,seed", [(1, 1), (4, 2), (16, 3)])
+def test_val_from_train_matches_protocol(shots, seed):
+    from clipadapt.data import Item
+
+    rng = random.Random(0)  # an ImageNet-like train list: 7 classes of 20-40 images, labels interleaved
+    train = [(f"train/n{label:03d}/{i}.JPEG", label) for label in range(7) for i in range(rng.randint(20, 40))]
+    rng.shuffle(train)
+    expected_train, expected_val = imagenet_style_draw(train, shots, seed)
+    draw = draw_few_shot([Item(p, label, "") for p, label in train], [], shots, seed, val_from_train=True)
+    assert [i.path for i in draw.train] == expected_train and [i.path for i in draw.val] == expected_val
+    assert len(draw.val) == 7 * min(shots, 4) and not {i.path for i in draw.val} & {i.path for i in draw.train}

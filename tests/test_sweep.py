@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,18 @@ def warm_cache(tiny_config):
         image_task_data(tiny_config(f"shots={shots}", "seed=1"), False, torch.device("cpu"))
 
 
-def train_cli(root: Path, sweep_dir: Path, *overrides: str) -> str:
+def train_cli(root: Path, sweep_dir: Path, *overrides: str, status: int = 0) -> str:
     result = subprocess.run(train_command(sweep_dir, *overrides), cwd=REPO, env=cli_env(root), capture_output=True,
                             text=True, timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    assert result.returncode == status, output[-3000:]
     return output
 
 
-def cell(sweep_dir: Path, method: str, dataset: str, shots: int, seed: int) -> Path:
-    return sweep_dir / method / "tiny" / dataset / f"{shots}shot" / f"seed{seed}"
+def cell(sweep_dir: Path, method: str, dataset: str, shots: int, seed: int, backbone: str = "tiny",
+         settings: str = ",features.train_views=2") -> Path:
+    """The cell's folder: its grid path, the seed folder named with the settings the command line adds (GRID's)."""
+    return sweep_dir / method / backbone / dataset / f"{shots}shot" / f"seed{seed}{settings}"
 
 
 def status(folder: Path) -> str:
@@ -91,7 +94,9 @@ def test_grid_config_sweeps_the_benchmark():
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweep.dir == "outputs/grid"
     assert cfg.hydra.sweep.subdir == "tip_adapter_f/rn50/eurosat/16shot/seed1"  # one folder per cell
     assert "joblib" in cfg.hydra.launcher._target_ and cfg.features.num_workers == 0
-    assert cfg.sweep.skip_done is True
+    assert cfg.sweep.skip_done is True and cfg.sweep.check_datasets is True
+    assert cfg.hydra.sweeper._target_.endswith("CellSweeper")  # checks the cells first, shows progress
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "clipadapt.sweep.SweepSummary"  # counts, exit status
 
 
 def test_slurm_launcher_option_composes():
@@ -181,13 +186,18 @@ def test_run_cell_leaves_a_locked_cell_to_its_owner(tiny_config, tmp_path):
 
 def test_joblib_sweep_records_failures_then_a_rerun_finishes_only_them(session_root, tmp_path, warm_cache):
     sweep, features = tmp_path / "sweep", tmp_path / "features.npz"
-    cells = ["method=tip_adapter", "shots=1,2", "seed=1", "dataset=synthetic,features", f"dataset.path={features}"]
+    cells = ["method=tip_adapter", "shots=1,2", "seed=1", "dataset=synthetic,features", f"dataset.path={features}",
+             "sweep.check_datasets=false"]  # the features file is missing: its cells run, and fail
     # features.num_workers=2 on purpose: inside joblib jobs DataLoader workers crash, the app must drop them to 0
     output = train_cli(session_root, sweep, "launcher=joblib", "hydra.launcher.n_jobs=2", "features.num_workers=2",
-                       *cells)
+                       *cells, status=1)  # a sweep with failed cells exits 1, once every cell has run
     assert "2 done, 0 skipped, 2 failed" in output
-    done = {k: cell(sweep, "tip_adapter", "synthetic", k, 1) for k in (1, 2)}
-    failed = {k: cell(sweep, "tip_adapter", "features", k, 1) for k in (1, 2)}
+    # a path in a folder name: the file's name, and a hash of the override that tells two such paths apart
+    settings = f",dataset.path=features.npz~{sha256(f'dataset.path={features}'.encode()).hexdigest()[:8]}" \
+               ",features.train_views=2"
+    done = {k: cell(sweep, "tip_adapter", "synthetic", k, 1, settings=settings) for k in (1, 2)}
+    failed = {k: cell(sweep, "tip_adapter", "features", k, 1, backbone="features:features", settings=settings)
+              for k in (1, 2)}  # labelled by the file
     for folder in done.values():
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["config"]["features"]["num_workers"] == 0 and status(folder) == "done"
