@@ -1,4 +1,4 @@
-"""What the Hydra entrypoints share: where conf/ is, schema registration, and how a failing job ends."""
+"""What the Hydra entrypoints share: where conf/ is, schema registration, the checks at start, and how a job ends."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clipadapt.config import register_schemas
+from clipadapt.files import CONFIG_DIR, write_json_atomic
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+__all__ = ["CONFIG_DIR", "fit_to_launcher", "guarded", "in_multirun", "output_dir"]
+
 log = logging.getLogger("clipadapt")
 
 register_schemas()
@@ -43,17 +45,16 @@ def fit_to_launcher(cfg: DictConfig) -> DictConfig:
 def guarded(job: Callable[[], object]) -> object:
     """Run a job; on failure record the error in error.json next to where metrics.json would be.
 
-    A single run exits with status 2 and a one-line message; in a multirun the failing cell is recorded and the
-    sweep goes on with the others.
+    A single run exits with status 2 and a one-line message naming error.json; in a multirun the failing cell is
+    recorded and the sweep goes on with the others (its exit status then says that cells failed).
     """
-    from clipadapt.run import write_json_atomic
-
     try:
         return job()
     except Exception as error:  # noqa: BLE001 - every failure is recorded, then reported
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        write_json_atomic(output_dir() / "error.json", {"error": message, "traceback": traceback.format_exc()})
-        log.error("%s", message)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        record = output_dir() / "error.json"
+        write_json_atomic(record, {"error": message, "traceback": traceback.format_exc()})
+        log.error("%s (traceback in %s)", message, record)
+        if in_multirun():
             return None
         sys.exit(2)

@@ -206,16 +206,23 @@ def _names_a_setting(override: str) -> bool:
 
 def settings_suffix(task_overrides: list[str]) -> str:
     """`,key=value,...`: the overrides of a sweep cell that its grid folder does not name (empty without any), so
-    that `method.train.epochs=1,20` keeps both results: `seed1,method.train.epochs=1`. Characters a folder name
-    should not hold become `_`, and then (or when it is long) a hash of the overrides keeps two cells apart."""
-    settings = sorted(override for override in task_overrides if _names_a_setting(override))
-    if not settings:
-        return ""
-    text = ",".join(settings)
-    safe = _SAFE_IN_FOLDER.sub("_", text)
-    if safe != text or len(safe) > 120:
-        safe = f"{safe[:100]}~{sha256(text.encode()).hexdigest()[:8]}"
-    return f",{safe}"
+    that `method.train.epochs=1,20` keeps both results: `seed1,method.train.epochs=1`."""
+    settings = ",".join(_in_folder_name(override) for override in sorted(task_overrides) if _names_a_setting(override))
+    if len(settings) > 200:  # a folder name holds 255 bytes
+        settings = f"{settings[:190]}~{_short_hash(settings)}"
+    return f",{settings}" if settings else ""
+
+
+def _in_folder_name(override: str) -> str:
+    """`key=value` as a folder name can hold it: a path by its last part, characters a folder name should not hold
+    as `_`, and then a hash of the override so that two different settings never share a folder."""
+    key, _, value = override.partition("=")
+    shown = _SAFE_IN_FOLDER.sub("_", f"{key}={value.rstrip('/').rsplit('/', 1)[-1]}")
+    return shown if shown == override else f"{shown}~{_short_hash(override)}"
+
+
+def _short_hash(text: str) -> str:
+    return sha256(text.encode()).hexdigest()[:8]
 
 
 def new_dir(path: str) -> str:

@@ -7,7 +7,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from clipadapt.app import CONFIG_DIR, guarded
+from clipadapt.app import CONFIG_DIR, guarded, output_dir
+from clipadapt.config import check_options
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,10 @@ def extract(cfg: DictConfig) -> dict:
     from clipadapt.methods.base import method_config
     from clipadapt.run import image_task_data, resolve_device
 
+    check_options(cfg)
     method_class = METHODS[method_config(cfg.method).name]
     data = image_task_data(cfg, method_class.needs_dense, resolve_device(cfg.device),
-                           augmented=method_class.uses_augmented_views)
+                           augmented=method_class.uses_augmented_views, augmentation=method_class.augmentation)
     from clipadapt.protocols import setup
 
     setup(cfg, data)  # transfer protocols: the targets' test features too
@@ -30,7 +32,10 @@ def extract(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    guarded(lambda: extract(cfg))
+    from clipadapt.sweep import run_cell
+
+    # run_cell records the outcome (status.json) that a multirun's summary and exit status count
+    guarded(lambda: run_cell(cfg, output_dir(), lambda: extract(cfg), skip_done=False))
 
 
 if __name__ == "__main__":

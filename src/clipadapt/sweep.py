@@ -3,8 +3,13 @@
 A cell is *done* when its folder holds a metrics.json whose resolved config hashes to the same value as the cell's
 config now (`config_hash`; the keys that cannot change a result, such as tracking, paths and loader settings, are
 left out). Re-running a sweep therefore runs only the cells that are missing, failed, or whose config changed. The
-outcome of every cell is written to `status.json` beside its metrics.json/error.json, and `SweepSummary` (a Hydra
-callback, registered by conf/sweep/grid.yaml) counts those at the end of a multirun.
+outcome of every cell is written to `status.json` beside its metrics.json/error.json.
+
+A multirun's life (whatever the launcher: basic, joblib, batched, slurm): the `clipadapt` sweeper (conf/config.yaml,
+hydra_plugins/clipadapt_launcher) composes every cell and calls `preflight` (every cell's options, then each dataset
+readable) before launching any, and `watch` shows cells finished / total while they run; `SweepSummary` (a Hydra
+callback, conf/config.yaml) ends it with the counts, the report command and the failed cells, and exits with
+status 1 when any cell failed.
 
 Concurrency: a cell is run under a lock on `<cell>/.cell.lock`, taken without waiting. A second sweep that reaches
 a cell another process is running leaves it to that process (logged, not run twice); metrics.json, error.json and
@@ -17,22 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from clipadapt.config import RESULT_NEUTRAL_KEYS
+from clipadapt.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
-# Keys that identify where and how a cell ran, not what it computed. A sweep resumed with another launcher, on
-# another machine, with another tracker or cache folder reuses its finished cells.
-RESULT_NEUTRAL_KEYS = (
-    "logger", "paths", "sweep", "device", "save_logits", "features.num_workers", "features.batch_size",
-)
 STATUS_FILE = "status.json"
 
 
@@ -87,8 +93,6 @@ def is_done(cfg: DictConfig, output_dir: Path) -> dict | None:
 
 
 def write_status(output_dir: Path, status: str, digest: str, **extra) -> None:
-    from clipadapt.run import write_json_atomic
-
     write_json_atomic(Path(output_dir) / STATUS_FILE, {
         "status": status, "config_hash": digest, "finished": time.time(), "host": socket.gethostname(), **extra,
     })
@@ -158,8 +162,116 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> dict[str, list[Path]]:
     return outcomes
 
 
+# ------------------------------------------------------------------------------------------- a whole multirun
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def dataset_problem(cfg: DictConfig) -> str | None:
+    """Why a cell's dataset cannot be read, or None: the dataset read as a run reads it (split file, class folders),
+    without looking at each image (the cell does that for the images it uses). Synthetic images are made on demand."""
+    from clipadapt.data import DatasetError, build_dataset
+
+    if cfg.dataset.kind == "synthetic":
+        return None
+    if cfg.dataset.kind == "features":
+        path = cfg.dataset.path
+        return None if path and Path(path).is_file() else f"features file {path} does not exist: set dataset.path"
+    try:
+        build_dataset(cfg.dataset, Path(cfg.paths.data_root))
+    except (DatasetError, OSError) as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def preflight(cells: Sequence[DictConfig]) -> None:
+    """Before a sweep launches any cell: every cell's options (clipadapt.config.check_options) and, unless
+    `sweep.check_datasets=false`, whether each of its datasets can be read. Logs one line per problem (the same
+    problem of many cells once) and exits with status 2, having run nothing."""
+    problems = _option_problems(_as_jobs(cells)) or _dataset_problems(_as_jobs(cells))
+    if problems:
+        for problem in problems:
+            log.error("%s", problem)
+        log.error("nothing was run: the sweep's %d cells were checked before launching any", len(cells))
+        sys.exit(2)
+
+
+def _as_jobs(cells: Sequence[DictConfig]) -> Iterator[DictConfig]:
+    """The cells one after another, each with Hydra's runtime config set to it as in its job, so that `${hydra:...}`
+    interpolations resolve here; what was set before is restored at the end."""
+    from hydra.core.hydra_config import HydraConfig
+
+    before = HydraConfig.instance().cfg
+    try:
+        for cfg in cells:
+            HydraConfig.instance().set_config(cfg)
+            yield cfg
+    finally:
+        HydraConfig.instance().cfg = before
+
+
+def _option_problems(cells: Iterator[DictConfig]) -> list[str]:
+    from clipadapt.config import check_options
+
+    problems: dict[str, None] = {}  # ordered and without repeats: one line for the many cells sharing a bad option
+    for cfg in cells:
+        try:
+            check_options(cfg)
+        except Exception as error:  # noqa: BLE001 - any option a cell would fail on
+            problems[_first_line(error)] = None
+    return list(problems)
+
+
+def _dataset_problems(cells: Iterator[DictConfig]) -> list[str]:
+    seen, problems = set(), []
+    for cfg in cells:
+        key = json.dumps([OmegaConf.to_container(cfg.dataset, resolve=True), cfg.paths.data_root], sort_keys=True)
+        if cfg.sweep.check_datasets and key not in seen:  # each dataset (as configured, under its root) once
+            seen.add(key)
+            if (problem := dataset_problem(cfg)) is not None:
+                problems.append(f"dataset {cfg.dataset.name}: {problem}")
+    if problems:
+        problems.append("sweep.check_datasets=false runs the sweep anyway (the cells of these datasets then fail)")
+    return problems
+
+
+@contextmanager
+def watch(sweep_dir: Path, total: int, poll_s: float = 3.0) -> Iterator[None]:
+    """Progress of a sweep while its launcher runs the cells: cells finished / total, failures, ETA (a bar on a
+    terminal, periodic log lines elsewhere: clipadapt.progress). Counts the status.json files written since it began,
+    so it works for cells run in this process, in joblib workers or on SLURM nodes alike."""
+    from clipadapt.progress import progress
+
+    started, stop = time.time(), threading.Event()
+    bar = progress(total=total, desc="sweep", unit="cell")
+
+    def count() -> None:
+        outcomes = summarize(sweep_dir, since=started)
+        finished = sum(len(cells) for cells in outcomes.values())
+        if finished > bar.done:
+            bar.update(min(finished, total) - bar.done, failed=len(outcomes["failed"]))
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            count()
+
+    poller = threading.Thread(target=poll, name="sweep-progress", daemon=True)
+    poller.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        poller.join()
+        count()
+        bar.close()
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, log how many cells ran, were skipped and failed (and where)."""
+    """Hydra callback: ends a multirun with the sweep folder, how many cells ran, were skipped and failed, the report
+    command and, last, the failed cells and their error.json; exits with status 1 when any cell failed, so that a
+    script or CI job running the sweep sees it."""
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -172,7 +284,16 @@ class SweepSummary(Callback):
         outcomes = summarize(sweep_dir, since=self.started)
         counts = ", ".join(f"{len(cells)} {outcome}" for outcome, cells in outcomes.items())
         log.info("sweep %s: %s", sweep_dir, counts)
-        if outcomes["failed"]:
-            failed = "\n".join(f"  {cell / 'error.json'}" for cell in outcomes["failed"])
-            log.warning("%d failed cell(s), errors in:\n%s\nre-running the same command runs only those and the "
-                        "missing ones", len(outcomes["failed"]), failed)
+        log.info("report: python -m clipadapt.report %s", sweep_dir)
+        failed = outcomes["failed"]
+        if failed:
+            lines = "\n".join(f"  {_error_line(cell)}" for cell in failed)
+            log.error("%d cell(s) failed (re-running the same command runs only those and the missing ones):\n%s",
+                      len(failed), lines)
+            sys.exit(1)
+
+
+def _error_line(cell: Path) -> str:
+    """`<cell>/error.json: <its one-line error>`."""
+    record = read_json(cell / "error.json") or {}
+    return f"{cell / 'error.json'}: {record.get('error', 'no error.json (the cell was interrupted)')}"

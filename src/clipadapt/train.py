@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from clipadapt.app import CONFIG_DIR, fit_to_launcher, guarded, in_multirun, output_dir
+from clipadapt.config import check_options
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -14,8 +17,15 @@ def main(cfg: DictConfig) -> float | None:
     from clipadapt.sweep import run_cell
 
     cfg, out = fit_to_launcher(cfg), output_dir()
+
+    def cell() -> dict:
+        check_options(cfg)  # a sweep checked every cell before launching any; a single run checks here
+        return run(cfg, out)
+
     # In a multirun a cell already done for this exact config is skipped, so re-running a sweep resumes it.
-    metrics = guarded(lambda: run_cell(cfg, out, lambda: run(cfg, out), skip_done=in_multirun() and cfg.sweep.skip_done))
+    metrics = guarded(lambda: run_cell(cfg, out, cell, skip_done=in_multirun() and cfg.sweep.skip_done))
+    if metrics is None and not in_multirun():  # its folder was another run's, still running (a fixed hydra.run.dir)
+        sys.exit(2)
     return None if metrics is None else metrics["test/acc"]
 
 
