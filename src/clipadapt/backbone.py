@@ -1,7 +1,7 @@
 """CLIP through open_clip: the only module that imports open_clip.
 
 Everything a method or the feature cache needs from the model goes through `ClipBackbone`:
-- global image features and dense (per-location) features in the joint space, both L2-normalised;
+- global image features (raw) and dense (per-location) features (L2-normalised) in the joint space;
 - class text features from one template or an ensemble;
 - `PromptEncoder`, the text tower called on token embeddings, so that methods can insert learnable tokens.
 """
@@ -108,11 +108,12 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Global features [B, D] and, if asked, dense features [B, M, D]; every row L2-normalised."""
+        """Global features [B, D] as CLIP outputs them (not normalised: Tip-Adapter's cache keys average raw views)
+        and, if asked, dense features [B, M, D] with every row L2-normalised."""
         pixels = pixels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             if not dense:
-                return F.normalize(self.clip.encode_image(pixels).float(), dim=-1), None
+                return self.clip.encode_image(pixels).float(), None
             visual = self.clip.visual
             if hasattr(visual, "attnpool"):
                 tokens = _resnet_tokens(visual, pixels, self.dense)
@@ -120,10 +121,10 @@ class ClipBackbone(nn.Module):
                 tokens = _vit_tokens(visual, pixels)
             else:
                 raise BackboneError(f"dense features are implemented for CLIP ResNet and ViT towers, not {type(visual).__name__}")
-        tokens = F.normalize(tokens.float(), dim=-1)
+        tokens = tokens.float()
         if self.dense == "value" and hasattr(visual, "attnpool"):  # token 0 is the mean token's value, not f
-            return F.normalize(self.clip.encode_image(pixels).float(), dim=-1), tokens[:, 1:]
-        return tokens[:, 0], tokens[:, 1:]
+            return self.encode_images(pixels)[0], F.normalize(tokens[:, 1:], dim=-1)
+        return tokens[:, 0], F.normalize(tokens[:, 1:], dim=-1)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()

@@ -28,6 +28,7 @@ class ClipAdapterSchema(MethodSchema):
 @register_method("clip_adapter")
 class ClipAdapter(Method):
     Config = ClipAdapterSchema
+    augmentation = "dassl"  # the official trainer runs on CoOp's Dassl configs
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)

@@ -118,6 +118,7 @@ class CoOpSchema(MethodSchema):
 @register_method("coop")
 class CoOp(Method):
     Config = CoOpSchema
+    augmentation = "dassl"  # CoOp's configs: random_resized_crop (scale 0.08-1, bicubic) + random_flip
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)

@@ -1,12 +1,19 @@
-"""Tip-Adapter (training-free) and Tip-Adapter-F (learnable cache keys).
+"""Tip-Adapter (training-free) and Tip-Adapter-F (learnable cache keys), with the official code's arithmetic.
 
-Cache keys are the K-shot train features averaged over the augmented views, values their one-hot labels;
-logits = zero-shot + alpha * exp(-beta * (1 - f . keys)) . values. alpha and beta are searched on the few-shot val
-draw (the reference code searches on the full val split, or on test for ImageNet).
+As published (gaopengcuhk/Tip-Adapter, main.py and utils.py): the cache keys are the K-shot train features averaged
+over the augmented views as CLIP outputs them, then L2-normalised (build_cache_model); the values their one-hot
+labels; logits = 100 f . W + alpha * exp(-(beta - beta * f . keys)) . values. Tip-Adapter-F trains the keys (AdamW
+lr 1e-3, eps 1e-4, batch 256, cosine per step) with the initial alpha and beta; both methods then search (beta, alpha)
+over the official grid (search_hp). Per-dataset settings (initial alpha, search scale, epochs) are the official
+configs/<dataset>.yaml, in conf/dataset_method/<dataset>_tip_adapter{,_f}.yaml.
+
+Honest protocol: the search runs on the few-shot val draw (the official code: the full val split, on ImageNet the
+test set), and Tip-Adapter-F is its last epoch (the official code keeps the epoch best on the test set).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,20 +23,24 @@ from torch import nn
 from clipadapt.features import unit_rows
 from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
 
+# Rounding allowances of the search's pruning bounds, far above float32's (~1e-7 relative): see `grid_correct`.
+BOUND_MARGIN = 1e-3
+SLACK = 1e-4
+
 
 @dataclass
 class TipSearchSchema:
     enabled: bool = True
-    beta_max: float = 7.0  # Tip-Adapter's search_scale
-    alpha_max: float = 3.0
-    beta_steps: int = 200  # Tip-Adapter's search_step
+    beta_max: float = 7.0  # search_scale[0]; the grid stops one step short of it
+    alpha_max: float = 3.0  # search_scale[1]
+    beta_steps: int = 200  # search_step
     alpha_steps: int = 20
 
 
 @dataclass
 class TipAdapterSchema(MethodSchema):
-    alpha: float = 1.0
-    beta: float = 1.0
+    alpha: float = 1.0  # init_alpha: Tip-Adapter-F trains with it; the value used where the search does not run
+    beta: float = 1.0  # init_beta
     search: TipSearchSchema = field(default_factory=TipSearchSchema)
 
 
@@ -37,6 +48,105 @@ class TipAdapterSchema(MethodSchema):
 class TipAdapterFSchema(TipAdapterSchema):
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
         epochs=20, batch_size=256, optimizer="adamw", lr=1e-3, eps=1e-4, schedule="cosine"))
+
+
+def search_grid(maximum: float, steps: int) -> list[float]:
+    """search_hp's values: i * (maximum - 0.1) / steps + 0.1 for i in range(steps); `maximum` itself is excluded."""
+    return [i * (maximum - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+def exp_affinity(affinity: torch.Tensor, beta: float) -> torch.Tensor:
+    """The official cache activation, operation for operation: ((-1) * (beta - beta * affinity)).exp()."""
+    return (-(beta - beta * affinity)).exp()
+
+
+def key_slots(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's cache keys as a [K, S] index table (S: the most keys of a class; padding points at index NK,
+    a column the caller fills with -inf, whose activation is exactly 0), and the keys per class [K]."""
+    holds, classes = values.max(1)
+    keys = torch.nonzero(holds > 0).flatten()
+    classes = classes[keys]
+    order = torch.argsort(classes, stable=True)  # within a class, the keys' own order
+    keys, classes = keys[order], classes[order]
+    shots = torch.bincount(classes, minlength=values.shape[1])
+    starts = torch.cumsum(shots, 0) - shots
+    slots = torch.full((values.shape[1], max(int(shots.max()), 1)), values.shape[0], dtype=torch.long,
+                       device=values.device)
+    slots[classes, torch.arange(len(keys), device=values.device) - starts[classes]] = keys
+    return slots, shots
+
+
+@torch.no_grad()
+def grid_correct(image: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor,
+                 labels: torch.Tensor, betas: list[float], alphas: list[float], chunk: int = 1024) -> torch.Tensor:
+    """[len(betas), len(alphas)]: how many of the (unit) `image` rows the argmax of clip_logits + cache_logits(beta)
+    * alpha assigns to their label, for every pair of the grid, as the official double loop computes it in float32.
+
+    Exact, without the loop's cost. For one image and beta, another class can take the argmax from the true class at
+    some alpha only if an upper bound of its cache logit lets it: shots * exp(beta * (max affinity - 1)) bounds its
+    sum of activations, and the logit gap is linear in alpha, so a class below the true one at both ends of the alpha
+    grid (by a slack far above float32's rounding) is below it at every alpha. The classes left, a few per image, get
+    their exact activation sums and logits with the official float operations, as the true class always does; ties
+    between classes go to the first (torch.argmax). Images go in chunks: the counts add up.
+    """
+    if min(betas) <= 0 or min(alphas) < 0:
+        raise ValueError("Tip-Adapter's search needs positive betas and alphas: set method.search.beta_max and "
+                         "alpha_max above 0")
+    slots, shots = key_slots(values)
+    zero_shot = 100.0 * image @ text.t()  # clip_logits, for the whole set at once as the official code
+    alpha_column = torch.tensor(alphas, dtype=image.dtype, device=image.device)[:, None]
+    counts = [_chunk_correct(zero_shot[start : start + chunk], image[start : start + chunk] @ keys.t(),
+                             labels[start : start + chunk], slots, shots, betas, alpha_column)
+              for start in range(0, len(image), chunk)]
+    return torch.stack(counts).sum(0)
+
+
+def _chunk_correct(zero_shot, affinity, labels, slots, shots, betas, alpha_column) -> torch.Tensor:
+    rows = torch.arange(len(labels), device=labels.device)
+    padded = torch.cat([affinity, affinity.new_full((len(labels), 1), float("-inf"))], 1)
+    by_class = padded[:, slots]  # [n, K, S]
+    true_affinity = by_class[rows, labels]  # [n, S]
+    true_zero_shot = zero_shot[rows, labels]
+    # Classes by decreasing zero-shot logit, so that each beta reads only a prefix: those close enough to the true one
+    gap, order = torch.sort(zero_shot - true_zero_shot[:, None], dim=1, descending=True)  # [n, K]
+    nearest = (by_class.amax(-1) - 1).gather(1, order)  # beta * this bounds each activation's exponent (-inf: no keys)
+    bound_shots = (shots.to(affinity.dtype) * (1 + BOUND_MARGIN))[order]
+    rising_gap = -gap  # ascending, for searchsorted
+    most = float(shots.max()) * (1 + BOUND_MARGIN)
+    highest, z_scale = nearest.amax(1), float(zero_shot.abs().max())
+    alpha_low, alpha_high = float(alpha_column.min()), float(alpha_column.max())
+    correct = []
+    for beta in betas:
+        true_cache = exp_affinity(true_affinity, beta).sum(-1)  # [n]
+        excess = torch.exp(highest * beta).mul_(most).sub_(true_cache)  # per image: bound of max_k C_k - C_true
+        slack = SLACK * (z_scale + alpha_high * float(excess.max() + 2 * true_cache.max()))
+        reach = torch.where(excess > 0, alpha_high * excess, alpha_low * excess) + slack  # gap >= -reach can threaten
+        width = int(torch.searchsorted(rising_gap, reach[:, None], right=True).max())
+        rise = torch.exp(nearest[:, :width] * beta).mul_(bound_shots[:, :width]).sub_(true_cache[:, None])
+        threat = torch.add(gap[:, :width], rise, alpha=alpha_high).ge_(-slack)
+        threat.logical_or_(torch.add(gap[:, :width], rise, alpha=alpha_low).ge_(-slack))
+        threat.logical_and_(order[:, :width] != labels[:, None])
+        image_index, column = threat.nonzero(as_tuple=True)
+        rival = order[image_index, column]
+        rival_cache = exp_affinity(by_class[image_index, rival], beta).sum(-1)
+        true_logits = true_zero_shot + true_cache * alpha_column  # [A, n]: clip_logits + cache_logits * alpha
+        rival_logits = zero_shot[image_index, rival] + rival_cache * alpha_column  # [A, P]
+        target = true_logits[:, image_index]
+        beaten = (rival_logits > target) | ((rival_logits == target) & (rival < labels[image_index]))
+        wrong = torch.zeros_like(true_logits).index_add_(1, image_index, beaten.to(true_logits.dtype)) > 0
+        correct.append(len(labels) - wrong.sum(1))
+    return torch.stack(correct)
+
+
+def first_best(correct: torch.Tensor) -> tuple[int, int, int]:
+    """(count, beta index, alpha index) as search_hp picks them: the first strictly better than its initial
+    best_acc = 0 in beta-major, alpha-minor order; (0, -1, -1) when no pair gets any image right (the official
+    best_beta = best_alpha = 0 then stay)."""
+    index = int(torch.argmax(correct.flatten()))  # the first maximum
+    count = int(correct.flatten()[index])
+    if count == 0:
+        return 0, -1, -1
+    return count, index // correct.shape[1], index % correct.shape[1]
 
 
 @register_method("tip_adapter")
@@ -48,18 +158,17 @@ class TipAdapter(Method):
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
         augmented = task.train_tensor(slice(1, None)) if task.train.image.shape[1] > 1 else task.train_tensor()
-        keys = F.normalize(F.normalize(augmented, dim=-1).mean(1), dim=-1)  # [NK, D]
+        keys = F.normalize(augmented.mean(1), dim=-1)  # [NK, D]: the raw views' mean, normalised
         self.keys = nn.Parameter(keys, requires_grad=self.learnable_keys)
         labels = torch.as_tensor(task.train.labels, device=task.device)
         self.register_buffer("values", F.one_hot(labels, task.num_classes).float())
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
 
     def cache_logits(self, image: torch.Tensor, beta: float) -> torch.Tensor:
-        affinity = image @ self.keys.t()
-        return torch.exp(-beta * (1 - affinity)) @ self.values
+        return exp_affinity(image @ self.keys.t(), beta) @ self.values
 
     def forward(self, batch: Batch):
-        return self.zero_shot_logits(batch.image) + self.alpha * self.cache_logits(batch.image, self.beta)
+        return self.zero_shot_logits(batch.image) + self.cache_logits(batch.image, self.beta) * self.alpha
 
     def retarget(self, classnames, text):
         """Other classes (base-to-new, cross-dataset): the cache holds no image of them, so its values are all zero
@@ -70,27 +179,24 @@ class TipAdapter(Method):
     @torch.no_grad()
     def tune(self, val):
         search = self.cfg.search
-        if not search.enabled or val is None or len(val) == 0:
-            return {"alpha": self.alpha, "beta": self.beta}
+        kept = {"alpha": self.alpha, "beta": self.beta}
+        if not search.enabled:
+            return {**kept, "search": "not run: method.search.enabled=false"}
+        if val is None or len(val) == 0:
+            return {**kept, "search": "not run: no val draw"}
         image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=self.text.device)
-        zero_shot = self.zero_shot_logits(image)
-        betas = torch.linspace(0.1, search.beta_max, search.beta_steps).tolist()
-        alphas = torch.linspace(0.1, search.alpha_max, search.alpha_steps, device=image.device)
-        affinity = image @ self.keys.t()  # independent of beta: once, not once per beta
-        # values are one-hot rows: A . values sums each class's columns (index_add), not a dense [NK, K] matmul
-        holds, classes = self.values.max(1)
-        affinity, classes = affinity[:, holds > 0], classes[holds > 0]
-        best = (-1.0, self.alpha, self.beta)
-        for beta in betas:
-            cache = zero_shot.new_zeros(zero_shot.shape).index_add_(1, classes, torch.exp(-beta * (1 - affinity)))
-            logits = zero_shot + alphas[:, None, None] * cache  # [A, N, K]
-            accuracy = (logits.argmax(-1) == labels).float().mean(-1)
-            index = int(accuracy.argmax())
-            if accuracy[index] > best[0]:
-                best = (float(accuracy[index]), float(alphas[index]), beta)
-        _, self.alpha, self.beta = best
-        return {"alpha": self.alpha, "beta": self.beta, "val_acc": best[0]}
+        betas, alphas = search_grid(search.beta_max, search.beta_steps), search_grid(search.alpha_max, search.alpha_steps)
+        correct = grid_correct(image, self.keys.detach(), self.values, self.text, labels, betas, alphas)
+        count, beta_index, alpha_index = first_best(correct)
+        if count == 0:
+            self.alpha = self.beta = 0.0
+            return {"alpha": 0.0, "beta": 0.0, "val_acc": 0.0,
+                    "search": f"ran on {len(labels)} images: no pair classified any correctly, so alpha = beta = 0 "
+                              "(zero-shot) as the official search_hp leaves them"}
+        self.alpha, self.beta = alphas[alpha_index], betas[beta_index]
+        return {"alpha": self.alpha, "beta": self.beta, "val_acc": 100 * count / len(labels),
+                "search": f"ran on {len(labels)} images, {len(betas)} x {len(alphas)} grid"}
 
 
 @register_method("tip_adapter_f")
