@@ -16,7 +16,7 @@ import torch
 import dataset_trees as trees
 from clipadapt import protocols, trained_state
 from clipadapt.engine import accuracy, fit, predict
-from clipadapt.evaluate import main
+from clipadapt.evaluate import evaluate, main
 from clipadapt.methods import METHODS, build_method
 from clipadapt.methods.base import method_config
 from clipadapt.run import few_shot_task, image_task_data, no_features, run
@@ -55,13 +55,19 @@ def test_the_state_file_leaves_the_text_tower_out(tiny_config, tmp_path):
     assert set(state.tensors) == {"text", "ctx"}  # CoOp's learned context and its classifier, not CLIP's weights
 
 
+def saved_logits(run_dir: Path, name: str = "test") -> torch.Tensor:
+    return torch.from_numpy(np.load(run_dir / "logits.npz")["logits" if name == "test" else f"{name}_logits"])
+
+
 @pytest.mark.parametrize("name", ["tip_adapter_f", "coop", "clip_adapter", "linear_probe", "calip"])
 def test_evaluate_prints_the_runs_test_accuracy(tiny_config, tmp_path, capsys, name):
-    metrics = run(tiny_config(f"method={name}", *QUICK, *SHORT_SEARCH.get(name, [])), tmp_path)
+    metrics = run(tiny_config(f"method={name}", *QUICK, *SHORT_SEARCH.get(name, []), "save_logits=true"), tmp_path)
     capsys.readouterr()
     assert main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert f"test/acc {metrics['test/acc']!r}  (as in metrics.json)" in printed
+    results, _, _ = evaluate(tmp_path)
+    assert torch.equal(results["test"].logits, saved_logits(tmp_path))  # bit for bit, not only the accuracy
 
 
 def test_the_cli_re_evaluates_a_tuned_tip_adapter(tiny_config, tmp_path):
@@ -86,6 +92,16 @@ def test_evaluate_scores_another_dataset_retargeted(tmp_path, capsys):
     zero_shot = torch.tensor(np.asarray(target.test.image[:, 0], dtype=np.float32)) @ torch.tensor(target.text).float().t()
     assert float(printed["dtd/acc"]) == pytest.approx(100 * accuracy(zero_shot, target.test.labels))
     assert float(printed["test/acc"]) == metrics["test/acc"]  # the run's own test set comes first, unchanged
+
+
+def test_ship_moved_to_another_dataset_is_re_evaluated_exactly(tmp_path):
+    """SHIP without label-only classes trains its generator when retargeted, on the draw (seeded): evaluate too."""
+    cfg = compose_config([*TINY, "method=ship", *QUICK, "++method.generator.train.epochs=1", "++method.transfer.per_class=2",
+                          "protocol.task=cross_dataset", "protocol.targets=[dtd]", "save_logits=true"], tmp_path)
+    trees.build(Path(cfg.paths.data_root), "dtd")
+    run(cfg, tmp_path / "run")
+    results, _, _ = evaluate(tmp_path / "run")
+    assert torch.equal(results["dtd"].logits, saved_logits(tmp_path / "run", "dtd"))
 
 
 def test_evaluate_scores_an_imagenet_variant_in_imagenets_label_space(tmp_path, capsys):

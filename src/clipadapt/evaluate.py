@@ -8,7 +8,9 @@ was read. The method is rebuilt from that config on an empty train set, the stat
   ImageNet variant in ImageNet's label space (domain generalisation), any other dataset with the method retargeted
   to its classes (cross-dataset); `protocol.targets=[a,b]` (and `protocol.task=...`) say the same;
 - any other `key=value` overrides the run's config (`device=cpu`, `paths.cache_dir=...`, `features.batch_size=64`).
-Only the test sets' features are read (from the feature cache, or computed), never the train draw's.
+Only the test sets' features are read (from the feature cache, or computed), not the train draw's: a method whose
+state says it all is rebuilt without them. The exception is SHIP moved to another dataset's classes, which trains its
+generator on the draw then (`Method.retarget_trains`), as the run did.
 """
 
 from __future__ import annotations
@@ -87,18 +89,22 @@ def int_keys(node):
     return [int_keys(v) for v in node] if isinstance(node, list) else node
 
 
-def task_data(cfg: DictConfig, needs_dense: bool, device: torch.device):
-    """The run's data as run.py reads it, without the draw's features: test sets and class texts only."""
+def task_data(cfg: DictConfig, method_class, device: torch.device):
+    """The run's data as run.py reads it, without the draw's features (test sets and class texts only), unless the
+    method trains when it is retargeted to another dataset (SHIP)."""
     from clipadapt.run import file_task_data, image_task_data, no_features
 
+    with_draw = method_class.retarget_trains and cfg.protocol.task == "cross_dataset"
     if cfg.dataset.kind != "features":
-        return image_task_data(cfg, needs_dense, device, augmented=False, with_draw=False)
-    data = file_task_data(cfg)  # one file: read whole, the train rows are then set aside
-    return replace(data, train=no_features(data.text.shape[1]), val=None)
+        return image_task_data(cfg, method_class.needs_dense, device, with_draw=with_draw,
+                               augmented=with_draw and method_class.uses_augmented_views,
+                               augmentation=method_class.augmentation)
+    data = file_task_data(cfg)  # one file, read whole: the draw's rows are set aside
+    return data if with_draw else replace(data, train=no_features(data.text.shape[1]), val=None)
 
 
-def evaluate(run_dir: Path, overrides: list[str] = ()) -> tuple[dict, dict]:
-    """(scores as metrics.json writes them, the run's metrics.json) for the run's trained state."""
+def evaluate(run_dir: Path, overrides: list[str] = ()) -> tuple[dict[str, protocols.Result], dict, dict]:
+    """(each test set's logits and accuracy, the scores as metrics.json writes them, the run's metrics.json)."""
     from clipadapt.methods import METHODS, build_method
     from clipadapt.methods.base import method_config
     from clipadapt.run import few_shot_task, resolve_device
@@ -108,12 +114,12 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> tuple[dict, dict]:
     method_cfg = method_config(OmegaConf.create(int_keys(metrics["method_config"])))  # as run (CoOp's epochs resolved)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = task_data(cfg, METHODS[method_cfg.name].needs_dense, device)
+    data = task_data(cfg, METHODS[method_cfg.name], device)
     plan = protocols.setup(cfg, data)
     method = build_method(method_cfg, few_shot_task(cfg, plan, device))
     trained_state.restore(method, state)
     results = protocols.evaluate(method, plan.evaluations)
-    return protocols.summary(cfg.protocol.task, results), metrics
+    return results, protocols.summary(cfg.protocol.task, results), metrics
 
 
 def report(scores: dict, metrics: dict) -> list[str]:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        scores, metrics = evaluate(Path(args[0]), args[1:])
+        _, scores, metrics = evaluate(Path(args[0]), args[1:])
     except Exception as error:  # noqa: BLE001 - one line, like a failing run (app.guarded)
         print(f"evaluate: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
         return 2

@@ -105,6 +105,9 @@ class Method(nn.Module):
     # Plain attributes that `tune` (or training) sets and state_dict does not hold, e.g. Tip-Adapter's alpha and
     # beta: saved with the trained state through torch's extra-state hooks (JSON values: floats, strings, lists).
     tuned: ClassVar[tuple[str, ...]] = ()
+    # True: `retarget` to another dataset's classes trains on the train draw (SHIP's generator), so re-evaluating a
+    # cross-dataset run reads the draw's features too
+    retarget_trains: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, task: FewShotTask):
         super().__init__()

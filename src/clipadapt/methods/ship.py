@@ -90,6 +90,7 @@ class ShipSchema(MethodSchema):
 @register_method("ship")
 class Ship(Method):
     Config = ShipSchema
+    retarget_trains = True  # without label-only classes, `transfer` trains the generator on the train draw
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
@@ -210,9 +211,14 @@ class Ship(Method):
         if self.cfg.transfer.per_class == 0:
             return
         if self.generator is None:  # the source task had no label-only classes: stage 1 runs now, on its train set
-            self.generator = PromptGenerator(self.cfg.generator, self.task, self.task.text_tower("ship"),
-                                             self.task.classnames)
-            self.train_generator()
+            if len(self.task.train) == 0:
+                raise ValueError("ship: moving to another class set trains the generator on the train draw, and this "
+                                 "task has none: build the method on the run's train features")
+            with torch.random.fork_rng():  # seeded, so that a re-evaluation (clipadapt.evaluate) trains the same one
+                torch.manual_seed(self.task.seed)
+                self.generator = PromptGenerator(self.cfg.generator, self.task, self.task.text_tower("ship"),
+                                                 self.task.classnames)
+                self.train_generator()
         self.generator.set_classes(classnames)
         per_class, views = self.cfg.transfer.per_class, 1 + max(1, self.cfg.transfer.views)  # + view 0 ("plain")
         labels = torch.arange(len(classnames)).repeat_interleave(per_class)
