@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clipadapt.batched import FitRequest, fit_cells
+from clipadapt.config import ConfigError, check_options
 from clipadapt.engine import fit
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import method_config
@@ -183,10 +184,12 @@ def test_vt_clip_warms_up_linearly_then_decays_to_zero():
     assert rates == pytest.approx(expected, rel=1e-9, abs=0)
 
 
-def test_an_unknown_schedule_unit_is_one_line():
-    task, _ = random_task()
-    with pytest.raises(ValueError, match=r"method.train.schedule_unit='iteration' is not an option: use one of"):
-        fit(build("clip_adapter", task, epochs=1, schedule_unit="iteration"), task.train, seed=1)
+@pytest.mark.parametrize("method", ["coop", "clip_adapter"])
+def test_an_unknown_schedule_unit_or_warmup_fails_at_start_in_one_line(tiny_config, method):
+    cfg = tiny_config(f"method={method}", "method.train.schedule_unit=iteration", "method.train.warmup_type=cos")
+    with pytest.raises(ConfigError, match=r"^method.train.schedule_unit=iteration: use one of step, epoch; "
+                                          r"method.train.warmup_type=cos: use one of constant, linear$"):
+        check_options(cfg)
 
 
 # -------------------------------------------------------------------------------------------- NaN and Inf losses

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from clipadapt.config import one_of
+from clipadapt.engine import SCHEDULE_UNITS, WARMUP_TYPES
 from clipadapt.features import Batch, FeatureSet, to_tensor
 
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every method uses it for zero-shot terms
@@ -31,9 +33,9 @@ class TrainSchema:
     momentum: float = 0.9  # sgd
     eps: float = 1e-8  # adamw
     schedule: str = "cosine"  # cosine | constant
-    schedule_unit: str = "step"  # step: the lr moves every step | epoch: once per epoch, after it (Dassl's trainers)
+    schedule_unit: str = one_of("step", *SCHEDULE_UNITS)  # step: every step | epoch: after each epoch (Dassl's)
     warmup_epochs: int = 0
-    warmup_type: str = "constant"  # constant: warmup_lr throughout (Dassl's) | linear: from warmup_lr up to lr
+    warmup_type: str = one_of("constant", *WARMUP_TYPES)  # constant: at warmup_lr (Dassl's) | linear: up to lr
     warmup_lr: float = 1e-5
     drop_last: bool = False  # leave out the last partial batch when the draw holds a full one (Dassl's train loader)
     views: str = "augment"  # cached train views the loop samples from: augment | plain
