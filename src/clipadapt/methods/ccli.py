@@ -37,6 +37,7 @@ from torch import nn
 
 from clipadapt.features import unit_rows
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.methods.tip_adapter import exp_affinity
 from clipadapt.vocab import normalise, read_words, unique
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class CCLI(Method):
         has_views = task.train.image.shape[1] > 1
         views = task.train_tensor(slice(1, None)) if has_views else task.train_tensor()  # [N, V, D]
         labels = F.one_hot(torch.as_tensor(task.train.labels, device=task.device), task.num_classes).float()
-        train_keys = F.normalize(F.normalize(views, dim=-1).mean(1), dim=-1)
+        train_keys = F.normalize(views.mean(1), dim=-1)  # Tip-Adapter's: the raw views' mean, normalised
         if cfg.concept_pool == "views":
             pool, pool_labels = F.normalize(views, dim=-1).flatten(0, 1), labels.repeat_interleave(views.shape[1], 0)
         else:
@@ -231,7 +232,7 @@ class CCLI(Method):
 
     def branches(self, image: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(h_v, h_t) [B, C] each; h_t is None without a separate text branch (no text concepts, or the MLP head)."""
-        visual = torch.exp(-beta * (1 - image @ self.keys.t()))  # phi(f V^T), Tip-Adapter's kernel
+        visual = exp_affinity(image @ self.keys.t(), beta)  # phi(f V^T), Tip-Adapter's kernel (its float operations)
         if self.cfg.head == "mlp":
             parts = [visual, self.standardised_text_activations(image)] if self.cfg.use_text_concepts else [visual]
             return self.mlp(torch.cat(parts, dim=-1)), None
@@ -249,7 +250,7 @@ class CCLI(Method):
 
     def tip_logits(self, image: torch.Tensor, beta: float) -> torch.Tensor:
         """The optional plain Tip-Adapter cache term (train images as keys, their labels as values)."""
-        return self.cfg.tip_weight * (torch.exp(-beta * (1 - image @ self.tip_keys.t())) @ self.tip_values)
+        return self.cfg.tip_weight * (exp_affinity(image @ self.tip_keys.t(), beta) @ self.tip_values)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.logits(batch.image, self.alpha, self.beta, self.gamma)
