@@ -125,3 +125,20 @@ def test_a_folder_without_a_saved_state_exits_2_in_one_line(tiny_config, tmp_pat
     error = capsys.readouterr().err
     assert "has no saved state" in error and len(error.strip().splitlines()) == 1
     assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "zero_shot"
+
+
+def test_rtos_keeps_its_anchors_when_the_vocabulary_differs_at_evaluation(tiny_config, tmp_path):
+    """Scored on another dataset, RTOS's pool leaves that dataset's classes out: the saved anchors must come back."""
+    cfg = tiny_config("method=rtos", *QUICK, "++method.anchors.num=50")
+    plan = protocols.setup(cfg, image_task_data(cfg, False, torch.device("cpu")))
+    task = few_shot_task(cfg, plan, torch.device("cpu"))
+    method = build_method(cfg.method, task)
+    fit(method, task.train, seed=1)
+    method.tune(task.val)
+    state = trained_state.snapshot(method)
+    elsewhere = replace(task, train=no_features(task.text.shape[1]), val=None, evaluated_datasets=["synthetic", "dtd"])
+    rebuilt = build_method(method_config(cfg.method), elsewhere)
+    assert rebuilt.anchor_names != method.anchor_names
+    trained_state.restore(rebuilt, state)
+    assert rebuilt.anchor_names == method.anchor_names
+    assert torch.equal(predict(rebuilt, plan.data.test), predict(method, plan.data.test))
