@@ -64,11 +64,12 @@ def warm_cache(tiny_config):
 # --------------------------------------------------------------------------------------------- sweeps end right
 
 
+@pytest.mark.parametrize("launcher", ["basic", "batched"])  # joblib: tests/test_sweep.py
 def test_failed_cells_fail_the_sweep_after_all_ran_and_each_setting_keeps_its_folder(session_root, tmp_path,
-                                                                                      warm_cache):
+                                                                                      warm_cache, launcher):
     sweep = tmp_path / "sweep"
     result = cli(session_root, "-m", *TINY, "method=tip_adapter", "shots=1", "method.alpha=1,2",
-                 "dataset=synthetic,features", f"dataset.path={tmp_path / 'absent.npz'}",
+                 "dataset=synthetic,features", f"dataset.path={tmp_path / 'absent.npz'}", f"launcher={launcher}",
                  "sweep.check_datasets=false", f"hydra.sweep.dir={sweep}", CLIPADAPT_PROGRESS_INTERVAL="0")
     assert result.returncode == 1, result.stderr[-3000:]
 
