@@ -39,11 +39,10 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
     """NaN or Inf in any key would turn into plausible-looking accuracies (argmax of NaN logits is class 0)."""
     for key, array in data.items():
-        if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            if bad:
-                raise DatasetError(f"features file {path}: {key} holds {bad} NaN or Inf values: recompute the features "
-                                   f"or drop those rows")
+        bad = int(np.count_nonzero(~np.isfinite(array))) if np.issubdtype(array.dtype, np.inexact) else 0
+        if bad:
+            raise DatasetError(f"features file {path}: {key} holds {bad} NaN or Inf values: recompute the features "
+                               f"or drop those rows")
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
