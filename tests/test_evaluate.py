@@ -142,3 +142,25 @@ def test_rtos_keeps_its_anchors_when_the_vocabulary_differs_at_evaluation(tiny_c
     trained_state.restore(rebuilt, state)
     assert rebuilt.anchor_names == method.anchor_names
     assert torch.equal(predict(rebuilt, plan.data.test), predict(method, plan.data.test))
+
+
+def test_a_features_file_run_is_re_evaluated_without_its_train_rows(tiny_config, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "features.npz", train_features=rng.normal(size=(20, 8)), train_labels=np.repeat(np.arange(4), 5),
+             val_features=rng.normal(size=(8, 8)), val_labels=np.repeat(np.arange(4), 2),
+             test_features=rng.normal(size=(12, 8)), test_labels=np.repeat(np.arange(4), 3),
+             text_features=rng.normal(size=(4, 8)))
+    run(tiny_config("dataset=features", f"dataset.path={tmp_path / 'features.npz'}", "method=tip_adapter_f", *QUICK,
+                    "save_logits=true"), tmp_path / "run")
+    results, _, _ = evaluate(tmp_path / "run")
+    assert torch.equal(results["test"].logits, saved_logits(tmp_path / "run"))
+
+
+def test_a_base_to_new_run_is_re_evaluated_on_base_and_new_classes(tiny_config, tmp_path, capsys):
+    metrics = run(tiny_config("method=tip_adapter_f", *QUICK, "protocol.task=base_to_new", "save_logits=true"), tmp_path)
+    results, scores, _ = evaluate(tmp_path)
+    assert torch.equal(results["new"].logits, saved_logits(tmp_path, "new"))
+    assert scores["H"] == metrics["H"]
+    capsys.readouterr()
+    assert main([str(tmp_path), "dataset=dtd"]) == 2  # trained on half the classes: not for another dataset
+    assert "base-to-new run is evaluated on its own dataset only" in capsys.readouterr().err
