@@ -66,6 +66,9 @@ class Size:
     grid_test_per_class: int = 10
     grid_epochs: int | None = 2  # None: the method's 20 (the 1000-class cells alone then take ~45 min a mode here)
     grid_processes: str = "seed1"  # one process per cell for: all | seed1 (the first seed's cells, x seeds)
+    # The configured recipe (epochs and search) on these class counts: the benchmark's, at most 100 classes.
+    grid_real_classes: tuple[int, ...] = tuple(min(c, 100) for c in BENCHMARK_CLASSES)
+    grid_compare_stacking: bool = False  # stacked vs not, on CPU too (on CUDA always: stacking is its default)
     # Tip-Adapter's alpha/beta search: tip_adapter.tune does a [val x cache] @ [cache x classes] matmul per beta,
     # 200 betas: ~26 TFLOP per 1000-class 16-shot cell (minutes here): off, as said in the table.
     grid_search: bool = False
@@ -85,7 +88,7 @@ SIZES = {
     "full": Size(),
     "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=5,
                  grid_classes=(4,), grid_shots=(2,), grid_seeds=(1, 2), grid_test_per_class=2, grid_epochs=1,
-                 grid_processes="seed1", overhead_repeats=1,
+                 grid_processes="seed1", grid_real_classes=(3,), grid_compare_stacking=True, overhead_repeats=1,
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
                  extraction_model="clipadapt-tiny-vit",
                  extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=(1,),
@@ -192,6 +195,10 @@ def timed_run(command: list[str], env: dict, cwd: Path = REPO) -> tuple[float, s
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return wall, result
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def fmt_rate(flops_per_s: float) -> str:
@@ -375,12 +382,12 @@ def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
 # ---------------------------------------------------------------------------------------------------------- grid
 
 
-def write_feature_files(size: Size, folder: Path) -> list[Path]:
+def write_feature_files(size: Size, class_counts: tuple[int, ...], folder: Path) -> list[Path]:
     """One features file per class count: a 16-per-class train pool with 1 + views views, a val pool, a test set."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     pool = max(size.grid_shots)
-    for i, classes in enumerate(size.grid_classes):
+    for i, classes in enumerate(class_counts):
         text, train, train_labels = synthetic_features(classes, pool, 1 + size.views, size.dim, seed=10 * i)
         _, val, val_labels = synthetic_features(classes, 4, 1, size.dim, seed=10 * i + 1, text=text)
         _, test, test_labels = synthetic_features(classes, size.grid_test_per_class, 1, size.dim, seed=10 * i + 2,
@@ -400,43 +407,118 @@ def _accuracies(folder: Path) -> dict[tuple, float]:
     return found
 
 
+def configured_recipe() -> str:
+    """tip_adapter_f's recipe as conf/method/ sets it (what a user's cell runs)."""
+    from omegaconf import OmegaConf
+
+    base, method = (OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml") for name in ("tip_adapter", "tip_adapter_f"))
+    return (f"the configured {method.train.epochs} epochs and "
+            f"{base.search.beta_steps} x {base.search.alpha_steps} alpha/beta search")
+
+
+@dataclass
+class Grid:
+    """One grid of tip_adapter_f cells (features files x shots x seeds) and how its cells are configured."""
+
+    size: Size
+    args: argparse.Namespace
+    files: list[Path]
+    overrides: tuple[str, ...]  # over the method's configured recipe
+    recipe: str  # those overrides in words
+    env: dict
+
+    @property
+    def cells(self) -> list[tuple[Path, int, int]]:
+        return [(f, k, s) for f in self.files for k in self.size.grid_shots for s in self.size.grid_seeds]
+
+    def _common(self) -> list[str]:
+        return ["method=tip_adapter_f", "dataset=features", "logger=none", f"device={self.args.device}",
+                *self.overrides]
+
+    def batched(self, out: Path, *extra: str) -> tuple[float, dict, str]:
+        """Wall time, test accuracies and log of every cell as one `launcher=batched` sweep."""
+        size = self.size
+        wall, result = timed_run(
+            [sys.executable, "-m", "clipadapt.train", "-m", "launcher=batched", *self._common(), *extra,
+             f"dataset.path={','.join(map(str, self.files))}", f"shots={','.join(map(str, size.grid_shots))}",
+             f"seed={','.join(map(str, size.grid_seeds))}", f"hydra.sweep.dir={out}",
+             "hydra.sweep.subdir=${hydra.job.num}"], self.env)
+        return wall, _accuracies(out), result.stdout + result.stderr
+
+    def one_process_per_cell(self, out: Path) -> tuple[float, dict, str]:
+        """Wall time of every cell in a process of its own (estimated from --grid-processes' sample), the sampled
+        cells' test accuracies, and which sample it was."""
+        sample = [c for c in self.cells if self.size.grid_processes == "all" or c[2] == self.size.grid_seeds[0]]
+        wall = 0.0
+        for i, (path, shots, seed) in enumerate(sample):
+            wall += timed_run([sys.executable, "-m", "clipadapt.train", *self._common(), f"dataset.path={path}",
+                               f"shots={shots}", f"seed={seed}", f"hydra.run.dir={out}/{i}"], self.env)[0]
+        scale = len(self.cells) / len(sample)
+        sampled = "" if scale == 1 else \
+            f", measured on the {len(sample)} cells of seed {self.size.grid_seeds[0]}, x{scale:g}"
+        return wall * scale, _accuracies(out), sampled
+
+    def case(self) -> str:
+        size, counts = self.size, sorted({int(re.search(r"(\d+)classes", f.name)[1]) for f in self.files})
+        classes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return (f"tip_adapter_f, {plural(len(self.files), 'feature set')} ({classes} classes) x "
+                f"{plural(len(size.grid_shots), 'shot')} x {plural(len(size.grid_seeds), 'seed')} = "
+                f"{plural(len(self.cells), 'cell')}")
+
+
+def _same(these: dict, those: dict) -> str:
+    """How many cells got the same test accuracy both ways."""
+    return f"test/acc identical in {sum(those.get(cell) == acc for cell, acc in these.items())} of {len(these)} cells"
+
+
+def batched_row(grid: Grid, workdir: Path, figure: str = "cells/min, batched") -> tuple[Row, tuple]:
+    """launcher=batched (the grid's default) beside one process per cell; also the batched run's (wall, accuracies,
+    log)."""
+    batched_run = batched_wall, batched, _ = grid.batched(workdir / "batched")
+    process_wall, singles, sampled = grid.one_process_per_cell(workdir / "single")
+    n = len(grid.cells)
+    row = Row("grid", grid.case(), figure, 60 * n / batched_wall,
+              reference=f"one process per cell: {60 * n / process_wall:.1f} cells/min{sampled}",
+              note=f"{grid.recipe}, test sets of {grid.size.grid_test_per_class}/class; batched {batched_wall:.0f} s; "
+                   f"{_same(singles, batched)} run both ways")
+    return row, batched_run
+
+
+def stacking_row(grid: Grid, workdir: Path, default_run: tuple, cuda: bool) -> Row:
+    """The stacked batched path (clipadapt.batched.fit_cells(stack=True), the CUDA default) beside the cells trained
+    one after another in the same process (the CPU default): `default_run` is the device's default, this runs the
+    other choice."""
+    other_run = grid.batched(workdir / "other", f"hydra.launcher.stack={str(not cuda).lower()}")
+    (stacked_wall, _, log), (unstacked_wall, _, _) = (default_run, other_run) if cuda else (other_run, default_run)
+    groups = [int(n) for n in re.findall(r"training (\d+) cells as one stacked model", log)]
+    fallbacks = len(re.findall(r"cells train one after another, not stacked", log))
+    stacks = f"{sum(groups)} cells in {len(groups)} stacked group(s)" if groups else "no cells stacked"
+    n = len(grid.cells)
+    return Row("grid", grid.case(), "cells/min, stacked (hydra.launcher.stack=true)", 60 * n / stacked_wall,
+               reference=f"one after another in one process (stack=false): {60 * n / unstacked_wall:.1f} cells/min",
+               note=f"{grid.recipe}; {stacks}{f', {fallbacks} group(s) not stackable' if fallbacks else ''}; "
+                    f"{_same(other_run[1], default_run[1])} run both ways")
+
+
 def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     env = env_for(workdir)
-    files = write_feature_files(size, workdir / "features")
-    common = ["method=tip_adapter_f", "dataset=features", "logger=none", f"device={args.device}"]
-    if size.grid_epochs is not None:
-        common.append(f"+method.train.epochs={size.grid_epochs}")
-    if not size.grid_search:
-        common.append("+method.search.enabled=false")
-    cells = [(f, k, s) for f in files for k in size.grid_shots for s in size.grid_seeds]
+    reduced = ([] if size.grid_epochs is None else [f"++method.train.epochs={size.grid_epochs}"]) + \
+              ([] if size.grid_search else ["++method.search.enabled=false"])
+    recipe = ", ".join([f"train.epochs={size.grid_epochs}"] * (size.grid_epochs is not None) +
+                       ["no alpha/beta search"] * (not size.grid_search)) or configured_recipe()
+    grid = Grid(size, args, write_feature_files(size, size.grid_classes, workdir / "features"), tuple(reduced),
+                recipe, env)
+    row, default_run = batched_row(grid, workdir / "reduced")
+    rows = [row]
 
-    sweep = [sys.executable, "-m", "clipadapt.train", "-m", "launcher=batched", *common,
-             f"dataset.path={','.join(map(str, files))}", f"shots={','.join(map(str, size.grid_shots))}",
-             f"seed={','.join(map(str, size.grid_seeds))}", f"hydra.sweep.dir={workdir}/batched",
-             "hydra.sweep.subdir=${hydra.job.num}"]
-    batched_wall, _ = timed_run(sweep, env)
-    batched = _accuracies(workdir / "batched")
+    cuda = device_of(args.device).type == "cuda"
+    if cuda or size.grid_compare_stacking:
+        rows.append(stacking_row(grid, workdir / "reduced", default_run, cuda))
 
-    per_process = [c for c in cells if size.grid_processes == "all" or c[2] == size.grid_seeds[0]]
-    process_wall = 0.0
-    for i, (path, shots, seed) in enumerate(per_process):
-        wall, _ = timed_run([sys.executable, "-m", "clipadapt.train", *common, f"dataset.path={path}",
-                             f"shots={shots}", f"seed={seed}", f"hydra.run.dir={workdir}/single/{i}"], env)
-        process_wall += wall
-    scale = len(cells) / len(per_process)
-    singles = _accuracies(workdir / "single")
-    same = sum(batched.get((str(p), k, s)) == acc for (p, k, s), acc in singles.items())
-
-    epochs = "the method's 20 epochs" if size.grid_epochs is None else f"train.epochs={size.grid_epochs}"
-    epochs += "" if size.grid_search else ", no alpha/beta search"
-    sampled = "" if scale == 1 else f", measured on the {len(per_process)} cells of seed {size.grid_seeds[0]}, x{scale:g}"
-    return [
-        Row("grid", f"tip_adapter_f, {len(size.grid_classes)} feature sets x {len(size.grid_shots)} shots x "
-            f"{len(size.grid_seeds)} seeds = {len(cells)} cells", "cells/min, batched", 60 * len(cells) / batched_wall,
-            reference=f"one process per cell: {60 * len(cells) / (process_wall * scale):.1f} cells/min{sampled}",
-            note=f"{epochs}, test sets of {size.grid_test_per_class}/class; batched {batched_wall:.0f} s; "
-                 f"test/acc identical in {same} of {len(singles)} cells run both ways"),
-    ]
+    real = Grid(size, args, write_feature_files(size, size.grid_real_classes, workdir / "features-real"), (),
+                configured_recipe(), env)
+    rows.append(batched_row(real, workdir / "real", "cells/min, batched, configured recipe")[0])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- extraction
