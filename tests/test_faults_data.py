@@ -62,6 +62,9 @@ def test_imagenet_val_draw_continues_the_seeded_stream(imagenet, tmp_path):
     other = run(imagenet("method=zero_shot", "seed=4"), tmp_path / "c")
     assert first["draw"] == again["draw"] and first["protocol"]["draw_hash"] == again["protocol"]["draw_hash"]
     assert first["draw"]["val"] != other["draw"]["val"]
+    imported = run(imagenet("method=zero_shot", "seed=4", f"dataset.draw_file={tmp_path / 'a' / 'metrics.json'}"),
+                   tmp_path / "d")  # a run's metrics.json is a draw file: its val images come from train too
+    assert imported["draw"] == first["draw"] and imported["protocol"]["val_source"] == "train_outside_draw"
 
 
 def test_val_policy_full_searches_on_the_whole_val_split_and_is_flagged(tiny_config, tmp_path):
