@@ -109,24 +109,28 @@ class RTOSZeroShotSchema(RTOSSchema):
     train: TrainSchema = field(default_factory=lambda: TrainSchema(epochs=0))
 
 
+def cross_dataset_names(datasets: list[str] | None, evaluated_datasets: list[str]) -> list[str]:
+    """The shipped class lists of `datasets` (None: all 11 benchmarks) except the evaluated ones, in that order."""
+    shipped = shipped_datasets()
+    datasets = shipped if datasets is None else list(datasets)
+    unknown = sorted(set(datasets) - set(shipped))
+    if unknown:
+        raise ValueError(f"method.anchors.datasets has {unknown}, which ship no class list: use some of {shipped}")
+    return [name for d in datasets if d not in evaluated_datasets for name in dataset_classnames(d)]
+
+
 def anchor_pool(cfg: AnchorSchema, targets: list[str], evaluated_datasets: list[str]) -> list[str]:
     """Every candidate anchor name: the configured sources, de-duplicated, without any class of the evaluated datasets
     (`targets`, the task's own class names, plus the shipped lists of `evaluated_datasets`)."""
+    if not cfg.exclude_targets:  # the ablation: nothing is kept out
+        targets, evaluated_datasets = [], []
     excluded = [*targets, *(name for d in evaluated_datasets for name in dataset_classnames(d))]
-    if not cfg.exclude_targets:
-        excluded = []
     pool: list[str] = []
     for source in cfg.sources:
         if source == "words":
             pool += read_words(cfg.words_file, "open_concepts.txt")
         elif source == "cross_dataset":
-            datasets = shipped_datasets() if cfg.datasets is None else list(cfg.datasets)
-            unknown = sorted(set(datasets) - set(shipped_datasets()))
-            if unknown:
-                raise ValueError(f"method.anchors.datasets has {unknown}, which ship no class list: "
-                                 f"use some of {shipped_datasets()}")
-            evaluated = set(evaluated_datasets) if cfg.exclude_targets else set()
-            pool += [name for d in datasets if d not in evaluated for name in dataset_classnames(d)]
+            pool += cross_dataset_names(cfg.datasets, evaluated_datasets)
         else:
             raise ValueError(f"method.anchors.sources has {source!r}: use cross_dataset and/or words")
     pool = unique(pool, exclude=excluded)
@@ -144,7 +148,8 @@ def draw_anchors(pool: list[str], num: int, seed: int) -> list[str]:
     return [pool[i] for i in sorted(keep.tolist())]
 
 
-def tokenized(encoder: nn.Module, template: str, words: list[str]):
+def tokenized(encoder: nn.Module, template: str,
+              words: list[str]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(start, ids, counts, own): where the word starts in the template's tokens, the prompts' token ids, each word's
     token count inside the prompt and alone (they differ where CLIP's BPE joins the word to the template)."""
     if template.count("{}") != 1:
@@ -277,7 +282,7 @@ class RTOS(Method):
                              anchors.lr / lr if lr > 0 else 1.0, anchors.learnable).to(self.text.device)
 
     def set_extra_state(self, state: dict) -> None:
-        """A saved model keeps its anchors, whatever the vocabulary on disk holds now (datasets prepared since)."""
+        """A saved model keeps its anchors, whatever the pool holds now (another word file or shipped lists)."""
         if state["anchor_names"] != self.anchor_names:
             self.anchors = self._anchor_prompts(state["anchor_names"])
             self._fixed_anchors = None
