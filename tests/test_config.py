@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from clipadapt.app import CONFIG_DIR
+from clipadapt.config import check_options
 from clipadapt.methods.base import method_config
 
 
@@ -39,6 +40,7 @@ def test_every_combination_composes(composer):
         backbone = backbones[n % len(backbones)]
         cfg = composer([f"method={method}", f"dataset={dataset}", f"backbone={backbone}"])
         method_config(cfg.method)  # the method's own schema
+        check_options(cfg)  # every default is among its option's choices and within its bounds
         resolved = OmegaConf.to_container(cfg, resolve=True)
         assert resolved["run_name"] == f"{cfg.method.name}-{cfg.dataset.name}-16s-{cfg.backbone.name}-s1"
         assert Path(resolved["paths"]["cache_dir"]).is_absolute()
