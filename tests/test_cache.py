@@ -122,3 +122,62 @@ def test_augmented_views_do_not_depend_on_batching(tiny_config, tmp_path):
     assert together.shape == (3, 3, 64)
     np.testing.assert_allclose(np.asarray(together[2:], np.float32), np.asarray(alone, np.float32), atol=1e-3)
     assert not np.allclose(np.asarray(together[0, 0], np.float32), np.asarray(together[0, 1], np.float32))
+
+
+def test_augmentation_recipes_are_cached_side_by_side(tiny_config):
+    """Tip-Adapter's views (crop scale 0.5-1) and Dassl's (0.08-1) under their own keys, both recorded."""
+    import torch
+    from torchvision import transforms
+
+    from clipadapt.backbone import ClipBackbone
+    from clipadapt.run import image_task_data
+
+    cfg = tiny_config("shots=2")
+    data = {recipe: image_task_data(cfg, False, torch.device("cpu"), augmentation=recipe) for recipe in ("tip", "dassl")}
+    assert data["tip"].provenance["augmentation"].startswith("tip: RandomResizedCrop(scale=(0.5, 1), bicubic)")
+    assert data["dassl"].provenance["augmentation"].startswith("dassl: RandomResizedCrop(scale=(0.08, 1), bicubic)")
+    folders = {p.name.rsplit("-", 1)[0] for p in (Path(cfg.paths.cache_dir) / "synthetic" / "tiny").iterdir()}
+    assert {"augment2x-tip-s0-global", "augment2x-dassl-s0-global"} <= folders
+    tip, dassl = (np.asarray(data[r].train.image[:, 1:], np.float32) for r in ("tip", "dassl"))
+    assert not np.allclose(tip, dassl)  # other crops
+    np.testing.assert_array_equal(data["tip"].train.image[:, 0], data["dassl"].train.image[:, 0])  # one plain view
+    backbone = ClipBackbone("clipadapt-tiny-vit")
+    crop = features.augmentation_for(backbone.preprocess, backbone.image_size, "dassl").transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == transforms.InterpolationMode.BICUBIC
+
+
+def test_methods_declare_their_reference_augmentation():
+    from clipadapt.methods import METHODS
+
+    dassl = {name for name, method in METHODS.items() if method.augmentation == "dassl"}
+    assert dassl == {"coop", "clip_adapter", "calip_fs"}
+    assert all(method.augmentation in features.AUGMENTATIONS for method in METHODS.values())
+    with pytest.raises(ValueError, match="unknown augmentation recipe 'simclr'"):
+        View("augment", 2, 0, "simclr")
+
+
+def test_global_features_are_cached_raw(tiny_config, tmp_path):
+    """CLIP's own output (Tip-Adapter averages raw views), not unit rows; dense tokens stay unit rows."""
+    import torch
+    from PIL import Image
+
+    from clipadapt.backbone import ClipBackbone
+    from clipadapt.data import build_dataset
+
+    cfg = tiny_config()
+    dataset = build_dataset(cfg.dataset, Path(cfg.paths.data_root))
+    backbone = ClipBackbone("clipadapt-tiny-vit")
+    extractor = FeatureExtractor(tmp_path, "synthetic", dataset.image_root, "tiny", backbone_key("x", None, "attention"),
+                                 lambda: backbone, batch_size=2, num_workers=0, dtype="float32")
+    paths = [i.path for i in dataset.train[:3]]
+    cached = extractor.images(paths, [0, 0, 0], View("plain"), dense=True)
+
+    def pixels(path: str) -> torch.Tensor:
+        with Image.open(dataset.image_root / path) as image:
+            return backbone.preprocess(image.convert("RGB"))
+
+    with torch.no_grad():
+        expected = backbone.clip.encode_image(torch.stack([pixels(p) for p in paths])).numpy()
+    np.testing.assert_allclose(cached.image[:, 0], expected, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(cached.image[:, 0], axis=-1), 1, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(cached.dense[:, 0], axis=-1), 1, atol=1e-5)
