@@ -15,6 +15,8 @@ Sections (memory and extraction each in a fresh process, so that the peak reside
               beside `import torch` alone; and which heavy modules (open_clip, torchvision, wandb) it imported.
   grid        cells per minute of tip_adapter_f over 11 synthetic feature sets with the benchmark datasets' class
               counts x 5 shots x 3 seeds: the batched launcher (one process) vs one process per cell.
+  search      Tip-Adapter's alpha/beta search at ImageNet's size (1000 classes x 16 shots, 4 val images per class,
+              the official 200 x 20 grid) beside the official double loop, timed on a few betas and scaled.
   extraction  images/s of the extraction pipeline (decode + preprocess in DataLoader workers, encode, cache write)
               over the encoder's own rate on already-decoded tensors, for a random-init CLIP on generated JPEGs.
   memory      peak resident memory while evaluating a 50,000-image dense cache (49 x 1024 fp16 tokens each: 5 GB
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("training", "overhead", "grid", "extraction", "memory", "cache")
+SECTIONS = ("training", "overhead", "grid", "search", "extraction", "memory", "cache")
 TRAINED_METHODS = ("tip_adapter_f", "clip_adapter", "calip_fs", "coop")
 # imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101
 BENCHMARK_CLASSES = (1000, 100, 37, 196, 102, 101, 100, 397, 47, 10, 101)
@@ -82,6 +84,9 @@ class Size:
     memory_images: int = 50_000
     memory_classes: int = 100
     cache_shard_mb: int = 1024
+    search_classes: int = 1000  # ImageNet's
+    search_val_per_class: int = 4  # the few-shot val draw's min(K, 4)
+    search_reference_betas: int = 2  # betas of the official double loop timed (then scaled to the grid)
 
 
 SIZES = {
@@ -92,7 +97,7 @@ SIZES = {
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
                  extraction_model="clipadapt-tiny-vit",
                  extraction_images=8, extraction_image_size=(80, 60), extraction_batch=4, extraction_workers=(1,),
-                 memory_images=64, memory_classes=4, cache_shard_mb=8),
+                 memory_images=64, memory_classes=4, cache_shard_mb=8, search_classes=4, search_val_per_class=2),
 }
 
 
@@ -521,6 +526,53 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     return rows
 
 
+# -------------------------------------------------------------------------------------------------------- search
+
+
+def bench_search(size: Size, args, workdir: Path) -> list[Row]:
+    """tip_adapter.tune on the official grid, beside the official double loop (search_hp: a dense [val x cache] @
+    [cache x classes] matmul per beta, an argmax per alpha) timed on a few betas, whose counts it must equal."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipadapt.features import FeatureSet, unit_rows
+    from clipadapt.methods import FewShotTask, build_method
+    from clipadapt.methods.tip_adapter import exp_affinity, grid_correct, search_grid
+
+    device, classes = device_of(args.device), size.search_classes
+    text, train, labels = synthetic_features(classes, size.shots, 1 + size.views, size.dim, seed=3)
+    _, val, val_labels = synthetic_features(classes, size.search_val_per_class, 1, size.dim, seed=4, text=text)
+    task = FewShotTask(classnames=[f"c{k}" for k in range(classes)], templates=[],
+                       text=torch.tensor(text, device=device), train=FeatureSet(train, labels),
+                       val=FeatureSet(val, val_labels), device=device)
+    method = build_method(OmegaConf.create({"name": "tip_adapter"}), task)
+    synchronize(device)
+    start = time.perf_counter()
+    chosen = method.tune(task.val)
+    synchronize(device)
+    wall = time.perf_counter() - start
+
+    search = method.cfg.search
+    betas, alphas = search_grid(search.beta_max, search.beta_steps), search_grid(search.alpha_max, search.alpha_steps)
+    sample = betas[:: max(1, len(betas) // size.search_reference_betas)][: size.search_reference_betas]
+    image, target = unit_rows(val[:, 0], device), torch.as_tensor(val_labels, device=device)
+    keys = method.keys.detach()
+    start = time.perf_counter()
+    affinity, clip_logits = image @ keys.t(), 100.0 * image @ method.text.t()
+    loop = torch.zeros(len(sample), len(alphas), dtype=torch.long)
+    for b, beta in enumerate(sample):
+        cache_logits = exp_affinity(affinity, beta) @ method.values
+        for a, alpha in enumerate(alphas):
+            loop[b, a] = int(((clip_logits + cache_logits * alpha).argmax(1) == target).sum())
+    loop_s = (time.perf_counter() - start) * len(betas) / len(sample)
+    same = torch.equal(loop, grid_correct(image, keys, method.values, method.text, target, sample, alphas).cpu())
+    return [Row("search", f"tip_adapter's alpha/beta search: {classes} classes x {size.shots} shots, {len(val)} val "
+                f"images, {len(betas)} x {len(alphas)} grid, {device.type}", "seconds", wall,
+                reference=f"official double loop ~{loop_s:.0f} s (timed on {len(sample)} betas, scaled)",
+                target="< 15 s", note=f"its counts on those betas {'equal' if same else 'DIFFER from'} the loop's; "
+                                      f"chose beta {chosen['beta']:.3f}, alpha {chosen['alpha']:.3f}")]
+
+
 # ---------------------------------------------------------------------------------------------------- extraction
 
 
@@ -693,7 +745,7 @@ def run_section(section: str, size: Size, args) -> list[Row]:
     try:
         if section == "training":
             return bench_training(size, args)
-        return {"overhead": bench_overhead, "grid": bench_grid, "extraction": bench_extraction,
+        return {"overhead": bench_overhead, "grid": bench_grid, "search": bench_search, "extraction": bench_extraction,
                 "memory": bench_memory, "cache": bench_cache}[section](size, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

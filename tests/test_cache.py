@@ -133,7 +133,8 @@ def test_augmentation_recipes_are_cached_side_by_side(tiny_config):
     from clipadapt.run import image_task_data
 
     cfg = tiny_config("shots=2")
-    data = {recipe: image_task_data(cfg, False, torch.device("cpu"), augmentation=recipe) for recipe in ("tip", "dassl")}
+    data = {recipe: image_task_data(cfg, False, torch.device("cpu"), augmentation=recipe)
+            for recipe in ("tip", "dassl")}
     assert data["tip"].provenance["augmentation"].startswith("tip: RandomResizedCrop(scale=(0.5, 1), bicubic)")
     assert data["dassl"].provenance["augmentation"].startswith("dassl: RandomResizedCrop(scale=(0.08, 1), bicubic)")
     folders = {p.name.rsplit("-", 1)[0] for p in (Path(cfg.paths.cache_dir) / "synthetic" / "tiny").iterdir()}
@@ -167,8 +168,9 @@ def test_global_features_are_cached_raw(tiny_config, tmp_path):
     cfg = tiny_config()
     dataset = build_dataset(cfg.dataset, Path(cfg.paths.data_root))
     backbone = ClipBackbone("clipadapt-tiny-vit")
-    extractor = FeatureExtractor(tmp_path, "synthetic", dataset.image_root, "tiny", backbone_key("x", None, "attention"),
-                                 lambda: backbone, batch_size=2, num_workers=0, dtype="float32")
+    extractor = FeatureExtractor(tmp_path, "synthetic", dataset.image_root, "tiny",
+                                 backbone_key("x", None, "attention"), lambda: backbone, batch_size=2, num_workers=0,
+                                 dtype="float32")
     paths = [i.path for i in dataset.train[:3]]
     cached = extractor.images(paths, [0, 0, 0], View("plain"), dense=True)
 

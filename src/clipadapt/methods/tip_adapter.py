@@ -186,7 +186,8 @@ class TipAdapter(Method):
             return {**kept, "search": "not run: no val draw"}
         image = unit_rows(val.image[:, 0], self.text.device)
         labels = torch.as_tensor(val.labels, device=self.text.device)
-        betas, alphas = search_grid(search.beta_max, search.beta_steps), search_grid(search.alpha_max, search.alpha_steps)
+        betas = search_grid(search.beta_max, search.beta_steps)
+        alphas = search_grid(search.alpha_max, search.alpha_steps)
         correct = grid_correct(image, self.keys.detach(), self.values, self.text, labels, betas, alphas)
         count, beta_index, alpha_index = first_best(correct)
         if count == 0:
