@@ -127,6 +127,16 @@ def test_runs_started_together_get_their_own_folders_and_say_where(session_root,
     assert {line.rsplit(" in ", 1)[1] for line in last_lines} == {str(path) for path in folders}
 
 
+def test_a_run_whose_folder_another_run_holds_fails_instead_of_exiting_0(session_root, tmp_path):
+    from filelock import FileLock
+
+    (tmp_path / "out").mkdir()
+    with FileLock(str(tmp_path / "out" / ".cell.lock")):  # another run is working in this folder
+        result = cli(session_root, *TINY, "method=zero_shot", "shots=1", f"hydra.run.dir={tmp_path}/out")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'out'} is in use by another run, still running" in error_lines(result.stderr)[-1]
+
+
 def test_a_bad_option_is_one_line_naming_the_valid_ones(session_root, tmp_path):
     result = cli(session_root, *TINY, "method=zero_shot", "features.dtype=float8", f"hydra.run.dir={tmp_path}/out")
     assert result.returncode == 2

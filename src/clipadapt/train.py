@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -9,6 +10,8 @@ from omegaconf import DictConfig
 
 from clipadapt.app import CONFIG_DIR, fit_to_launcher, guarded, in_multirun, output_dir
 from clipadapt.config import check_options
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -24,7 +27,8 @@ def main(cfg: DictConfig) -> float | None:
 
     # In a multirun a cell already done for this exact config is skipped, so re-running a sweep resumes it.
     metrics = guarded(lambda: run_cell(cfg, out, cell, skip_done=in_multirun() and cfg.sweep.skip_done))
-    if metrics is None and not in_multirun():  # its folder was another run's, still running (a fixed hydra.run.dir)
+    if metrics is None and not in_multirun():  # its folder is another run's, still running (a fixed hydra.run.dir)
+        log.error("%s is in use by another run, still running: give this run its own hydra.run.dir", out)
         sys.exit(2)
     return None if metrics is None else metrics["test/acc"]
 
