@@ -20,8 +20,10 @@ METHOD_FILES = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml
 
 
 def method_node(name: str):
-    """conf/method/<name>.yaml's method node (a `# @package _global_` file such as vt_clip.yaml nests it)."""
+    """conf/method/<name>.yaml's method node (a `# @package _global_` file such as vt_clip.yaml nests it), without
+    the Hydra defaults list a file may start with (tip_adapter_f.yaml extends tip_adapter.yaml)."""
     loaded = __import__("omegaconf").OmegaConf.load(Path(CONFIG_DIR) / "method" / f"{name}.yaml")
+    loaded.pop("defaults", None)
     return loaded.method if "method" in loaded else loaded
 
 
