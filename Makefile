@@ -9,7 +9,7 @@ ARGS   ?=
 export PIP_CONSTRAINT := $(CURDIR)/constraints-$(TORCH).txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install run demo train extract test bench data report sweep clean-outputs
+.PHONY: help install run demo train extract test bench gpu-check data report sweep clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ test: install ## the offline test suite
 
 bench: install ## speed figures (scripts/bench.py)
 	$(PY) scripts/bench.py $(ARGS)
+
+# Stops at once, in one line, where torch sees no CUDA device; the bench's gpu size is chosen to finish in < 8 min.
+gpu-check: install ## on a CUDA machine (TORCH=gpu): the gpu tests, then every bench section on the GPU, one table
+	@$(PY) scripts/bench.py --device cuda --check-device
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	$(PY) scripts/bench.py --size gpu --device cuda $(ARGS)
 
 data: install ## download and prepare datasets: make data DATASETS='eurosat dtd'
 	$(PY) -m clipadapt.prepare $(or $(DATASETS),eurosat)

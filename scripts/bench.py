@@ -3,6 +3,7 @@
 
     python scripts/bench.py                                 # every section, the benchmark's sizes
     python scripts/bench.py --size tiny                     # a smoke run of every section (tests/test_bench.py)
+    python scripts/bench.py --size gpu --device cuda        # `make gpu-check`: every section, < 8 min on one GPU
     python scripts/bench.py --only training,overhead --json bench.json
 
 Sections (memory and extraction each in a fresh process, so that the peak resident memory is their own):
@@ -14,7 +15,10 @@ Sections (memory and extraction each in a fresh process, so that the peak reside
   overhead    process start to metrics.json of one small cell on cached features (python -m clipadapt.train),
               beside `import torch` alone; and which heavy modules (open_clip, torchvision, wandb) it imported.
   grid        cells per minute of tip_adapter_f over 11 synthetic feature sets with the benchmark datasets' class
-              counts x 5 shots x 3 seeds: the batched launcher (one process) vs one process per cell.
+              counts x 5 shots x 3 seeds: the batched launcher (one process) vs one process per cell, with 2 epochs
+              and no search; again with the configured recipe (20 epochs, the alpha/beta search) on those class
+              counts capped at 100; on CUDA (and at --size tiny) also the stacked model vs the cells one after
+              another in the batched process (hydra.launcher.stack).
   search      Tip-Adapter's alpha/beta search at ImageNet's size (1000 classes x 16 shots, 4 val images per class,
               the official 200 x 20 grid) beside the official double loop, timed on a few betas and scaled.
   extraction  images/s of the extraction pipeline (decode + preprocess in DataLoader workers, encode, cache write)
@@ -89,8 +93,17 @@ class Size:
     search_reference_betas: int = 2  # betas of the official double loop timed (then scaled to the grid)
 
 
+# `make gpu-check` (--size gpu --device cuda): every section within 8 minutes on one H100/H200, estimated from the
+# CPU figures (README, Speed) and FLOP counts at ~40 TFLOP/s fp32: training at most ~8 cases held to the 6 s budget
+# (CoOp's and CALIP-FS's 100 and 1000 classes, CLIP-Adapter's 100k launch-bound steps) and the rest whole fits of
+# seconds, ~90 s; grid: a cell's host work ~1.5 s batched (the CPU figure: Hydra job, features file, test, metrics)
+# and ~7 s alone (`import torch` and CUDA's start), so 3 batched sweeps of 12 cells ~25 s each and 2 x 6 processes
+# ~45 s each, the GPU work (2 x 1000-class 20-epoch trainings and searches, ~150 TFLOP) ~5 s: ~170 s; overhead
+# ~35 s, search, extraction, memory (5 GB written and streamed) and cache ~20-30 s each; the gpu tests ~30 s.
 SIZES = {
     "full": Size(),
+    "gpu": Size(budget_s=6, grid_classes=(1000, 100), grid_shots=(1, 4, 16), grid_seeds=(1, 2),
+                grid_real_classes=(1000, 100), grid_compare_stacking=True, overhead_repeats=3),
     "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=5,
                  grid_classes=(4,), grid_shots=(2,), grid_seeds=(1, 2), grid_test_per_class=2, grid_epochs=1,
                  grid_processes="seed1", grid_real_classes=(3,), grid_compare_stacking=True, overhead_repeats=1,
@@ -762,6 +775,19 @@ def run_in_child(section: str, argv: list[str]) -> list[Row]:
         return [Row(**row) for row in json.loads(out.read_text())["rows"]]
 
 
+def missing_device(device: str) -> str | None:
+    """Why `--device` cannot be used here, in one line (None: it can)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"no CUDA device: torch {torch.__version__} is a CPU build (on a GPU machine: make install TORCH=gpu)"
+    return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none (driver? CUDA_VISIBLE_DEVICES?)"
+
+
 def machine() -> dict:
     import platform
 
@@ -786,11 +812,13 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the benchmark's sizes; tiny: seconds")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full: the benchmark's sizes; gpu: < 8 min on one GPU (make gpu-check); tiny: seconds")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument("--methods", default=",".join(TRAINED_METHODS), help="the training section's methods")
     parser.add_argument("--threads", type=int, help="torch CPU threads here and in the processes it starts")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--check-device", action="store_true", help="only check that --device is there, then exit")
     parser.add_argument("--budget", type=float, help="seconds per training case (default: the size's)")
     parser.add_argument("--grid-epochs", type=int, help="tip_adapter_f epochs in the grid; 0: the method's own")
     parser.add_argument("--grid-processes", choices=("all", "seed1"), help="cells run one process each")
@@ -807,6 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     size = replace(SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None})
     if args.grid_epochs is not None:
         size = replace(size, grid_epochs=args.grid_epochs or None)
+    if missing := missing_device(args.device):
+        print(f"bench.py --device {args.device}: {missing}", file=sys.stderr)
+        return 2
+    if args.check_device:
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the processes started from here
@@ -820,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         while flag in child_argv:
             i = child_argv.index(flag)
             del child_argv[i : i + 2]
-    rows, failed = [], []
+    rows, failed, start = [], [], time.perf_counter()
     for section in sections:
         started = time.perf_counter()
         try:
@@ -845,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m['cores']} cores ({m['cpu']}), {m['torch_threads']} torch threads, torch {m['torch']}, "
               f"GPU: {m['cuda'] or 'none'}, load average {m['load_average']:.1f}\n")
         print(table(rows))
+        print(f"[total: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
     return 1 if failed else 0
 
 
