@@ -417,12 +417,20 @@ def write_feature_files(size: Size, class_counts: tuple[int, ...], folder: Path)
     return files
 
 
-def _accuracies(folder: Path) -> dict[tuple, float]:
+def _results(folder: Path) -> dict[tuple, dict]:
+    """(features file, shots, seed) -> the cell's test accuracy and the recipe it ran, as its metrics.json says."""
     found = {}
     for path in folder.rglob("metrics.json"):
         metrics = json.loads(path.read_text())
-        found[(metrics["config"]["dataset"]["path"], metrics["shots"], metrics["seed"])] = metrics["test/acc"]
+        found[(metrics["config"]["dataset"]["path"], metrics["shots"], metrics["seed"])] = {
+            "acc": metrics["test/acc"], "epochs": len(metrics["train/loss_history"]),
+            "searched": str(metrics["chosen"].get("search", "")).startswith("ran")}
     return found
+
+
+def _as_run(results: dict[tuple, dict]) -> str:
+    epochs = "/".join(map(str, sorted({r["epochs"] for r in results.values()})))
+    return f"as run: epochs {epochs}, searched in {sum(r['searched'] for r in results.values())} of {len(results)} cells"
 
 
 def configured_recipe() -> str:
@@ -454,18 +462,18 @@ class Grid:
                 *self.overrides]
 
     def batched(self, out: Path, *extra: str) -> tuple[float, dict, str]:
-        """Wall time, test accuracies and log of every cell as one `launcher=batched` sweep."""
+        """Wall time, results (`_results`) and log of every cell as one `launcher=batched` sweep."""
         size = self.size
         wall, result = timed_run(
             [sys.executable, "-m", "clipadapt.train", "-m", "launcher=batched", *self._common(), *extra,
              f"dataset.path={','.join(map(str, self.files))}", f"shots={','.join(map(str, size.grid_shots))}",
              f"seed={','.join(map(str, size.grid_seeds))}", f"hydra.sweep.dir={out}",
              "hydra.sweep.subdir=${hydra.job.num}"], self.env)
-        return wall, _accuracies(out), result.stdout + result.stderr
+        return wall, _results(out), result.stdout + result.stderr
 
     def one_process_per_cell(self, out: Path) -> tuple[float, dict, str]:
         """Wall time of every cell in a process of its own (estimated from --grid-processes' sample), the sampled
-        cells' test accuracies, and which sample it was."""
+        cells' results, and which sample it was."""
         sample = [c for c in self.cells if self.size.grid_processes == "all" or c[2] == self.size.grid_seeds[0]]
         wall = 0.0
         for i, (path, shots, seed) in enumerate(sample):
@@ -474,7 +482,7 @@ class Grid:
         scale = len(self.cells) / len(sample)
         sampled = "" if scale == 1 else \
             f", measured on the {len(sample)} cells of seed {self.size.grid_seeds[0]}, x{scale:g}"
-        return wall * scale, _accuracies(out), sampled
+        return wall * scale, _results(out), sampled
 
     def case(self) -> str:
         size, counts = self.size, sorted({int(re.search(r"(\d+)classes", f.name)[1]) for f in self.files})
@@ -486,19 +494,20 @@ class Grid:
 
 def _same(these: dict, those: dict) -> str:
     """How many cells got the same test accuracy both ways."""
-    return f"test/acc identical in {sum(those.get(cell) == acc for cell, acc in these.items())} of {len(these)} cells"
+    same = sum(those.get(cell, {}).get("acc") == result["acc"] for cell, result in these.items())
+    return f"test/acc identical in {same} of {len(these)} cells"
 
 
 def batched_row(grid: Grid, workdir: Path, figure: str = "cells/min, batched") -> tuple[Row, tuple]:
-    """launcher=batched (the grid's default) beside one process per cell; also the batched run's (wall, accuracies,
+    """launcher=batched (the grid's default) beside one process per cell; also the batched run's (wall, results,
     log)."""
     batched_run = batched_wall, batched, _ = grid.batched(workdir / "batched")
     process_wall, singles, sampled = grid.one_process_per_cell(workdir / "single")
     n = len(grid.cells)
     row = Row("grid", grid.case(), figure, 60 * n / batched_wall,
               reference=f"one process per cell: {60 * n / process_wall:.1f} cells/min{sampled}",
-              note=f"{grid.recipe}, test sets of {grid.size.grid_test_per_class}/class; batched {batched_wall:.0f} s; "
-                   f"{_same(singles, batched)} run both ways")
+              note=f"{grid.recipe} ({_as_run(batched)}), test sets of {grid.size.grid_test_per_class}/class; "
+                   f"batched {batched_wall:.0f} s; {_same(singles, batched)} run both ways")
     return row, batched_run
 
 
@@ -520,12 +529,15 @@ def stacking_row(grid: Grid, workdir: Path, default_run: tuple, cuda: bool) -> R
 
 def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     env = env_for(workdir)
-    reduced = ([] if size.grid_epochs is None else [f"++method.train.epochs={size.grid_epochs}"]) + \
-              ([] if size.grid_search else ["++method.search.enabled=false"])
-    recipe = ", ".join([f"train.epochs={size.grid_epochs}"] * (size.grid_epochs is not None) +
-                       ["no alpha/beta search"] * (not size.grid_search)) or configured_recipe()
-    grid = Grid(size, args, write_feature_files(size, size.grid_classes, workdir / "features"), tuple(reduced),
-                recipe, env)
+    overrides, recipe = [], []  # the reduced recipe of the first rows
+    if size.grid_epochs is not None:
+        overrides.append(f"++method.train.epochs={size.grid_epochs}")
+        recipe.append(f"train.epochs={size.grid_epochs}")
+    if not size.grid_search:
+        overrides.append("++method.search.enabled=false")
+        recipe.append("no alpha/beta search")
+    grid = Grid(size, args, write_feature_files(size, size.grid_classes, workdir / "features"), tuple(overrides),
+                ", ".join(recipe) or configured_recipe(), env)
     row, default_run = batched_row(grid, workdir / "reduced")
     rows = [row]
 
