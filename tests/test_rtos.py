@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from clipadapt.engine import fit, predict
+from clipadapt.engine import CellTrainer, fit, predict
 from clipadapt.features import FeatureSet
 from clipadapt.methods import Batch, FewShotTask, build_method
 from clipadapt.methods.rtos import AnchorSchema, anchor_pool, draw_anchors
@@ -187,10 +187,11 @@ def test_pool_is_the_shipped_class_lists_and_words_without_the_evaluated_dataset
 
 
 def test_anchor_tokens_take_no_weight_decay(backbone, tmp_path):
-    method = rtos(make_task(backbone), tmp_path, **{"train.weight_decay": 0.5})
-    decay = {id(p): group.get("weight_decay") for group in method.parameter_groups() for p in group["params"]}
-    assert decay == {id(method.query): None, id(method.key): None, id(method.anchors.offset): 0.0}
-    fit(method, make_task(backbone).train, seed=1)  # the loop builds its optimiser from these groups
+    task = make_task(backbone)
+    method = rtos(task, tmp_path, **{"train.weight_decay": 0.5})
+    optimizer = CellTrainer(method, task.train, seed=1).optimizer  # what the training loop steps with
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay == {id(method.query): 0.5, id(method.key): 0.5, id(method.anchors.offset): 0.0}
 
 
 def test_retarget_recomputes_the_relation_for_other_classes(backbone, tmp_path):
@@ -223,9 +224,12 @@ def test_cell_end_to_end(tiny_config, tmp_path, method):
     assert metrics["chosen"]["num_anchors"] == 24 and "alpha" in metrics["chosen"]
     assert len(metrics["train/loss_history"]) == (1 if method == "rtos" else 0)
     assert 0 <= metrics["test/acc"] <= 100 and 0 <= metrics["chosen"]["val_acc"] <= 100  # both in percent
-    anchors = (tmp_path / "anchors.txt").read_text()
-    assert len(anchors.splitlines()) == 24 and metrics["anchors"]["pool_size"] > 24
-    assert metrics["anchors"]["sha256"] == hashlib.sha256(anchors.encode()).hexdigest()
+    anchors, pool = (tmp_path / "anchors.txt").read_text(), (tmp_path / "anchor_pool.txt").read_text()
+    assert len(anchors.splitlines()) == 24 and set(anchors.splitlines()) < set(pool.splitlines())
+    record = metrics["anchors"]
+    assert record["pool_size"] == len(pool.splitlines()) and record["num_anchors"] == 24
+    assert record["sha256"] == hashlib.sha256(anchors.encode()).hexdigest()
+    assert record["pool_sha256"] == hashlib.sha256(pool.encode()).hexdigest()
 
 
 def test_base_to_new_anchor_pool_holds_no_class_of_the_target(tmp_path):
@@ -233,12 +237,11 @@ def test_base_to_new_anchor_pool_holds_no_class_of_the_target(tmp_path):
     prepared under the data root: here EuroSAT alone, whose split file must not be read for anchors."""
     trees.build(tmp_path / "data", "eurosat")
     cfg = compose_config(["backbone=tiny", "dataset=eurosat", "logger=none", "features.num_workers=0",
-                          "method=rtos_zs", "shots=1", "protocol.task=base_to_new", "method.anchors.num=100000"],
-                         tmp_path)
+                          "method=rtos_zs", "shots=1", "protocol.task=base_to_new"], tmp_path)
     metrics = run(cfg, tmp_path / "out")
-    anchors = {normalise(n) for n in (tmp_path / "out" / "anchors.txt").read_text().splitlines()}
+    pool = {normalise(n) for n in (tmp_path / "out" / "anchor_pool.txt").read_text().splitlines()}
     mini = [name for _, name in trees.SPLIT_LAYOUTS["eurosat"][3]]  # "Annual Crop Land", "Forest", "Sea or Lake"
     assert metrics["protocol"]["new_classes"] == 1 and "sea or lake" in {normalise(n) for n in mini}
-    assert not anchors & {normalise(n) for n in [*mini, *dataset_classnames("eurosat")]}
-    assert {"goldfish", "apple pie", "banded"} <= anchors  # the other datasets' shipped lists, none of them prepared
-    assert len(anchors) == metrics["anchors"]["pool_size"] and metrics["anchors"]["excluded_datasets"] == ["eurosat"]
+    assert not pool & {normalise(n) for n in [*mini, *dataset_classnames("eurosat")]}
+    assert {"goldfish", "apple pie", "banded"} <= pool  # the other datasets' shipped lists, none of them prepared
+    assert len(pool) == metrics["anchors"]["pool_size"] and metrics["anchors"]["excluded_datasets"] == ["eurosat"]

@@ -242,14 +242,14 @@ class RTOS(Method):
         purpose = "on learned anchor tokens" if cfg.anchors.learnable else "on its anchor prompts"
         self.encoder = task.text_tower(cfg.name, purpose)
         if cfg.anchors.init == "random":
-            self.pool_size, names = cfg.anchors.num, [f"random {i}" for i in range(cfg.anchors.num)]
+            self.pool = names = [f"random {i}" for i in range(cfg.anchors.num)]
         else:
             pool = anchor_pool(cfg.anchors, [*task.classnames, *task.new_classnames], task.evaluated_datasets)
-            kept = separable(self.encoder, cfg.anchors.template, pool)
-            if len(kept) < len(pool):
-                merged = sorted(set(pool) - set(kept))
+            self.pool = separable(self.encoder, cfg.anchors.template, pool)
+            if len(self.pool) < len(pool):
+                merged = sorted(set(pool) - set(self.pool))
                 log.info("rtos: %d pool names left out, their tokens merge with the template: %s", len(merged), merged)
-            self.pool_size, names = len(kept), draw_anchors(kept, cfg.anchors.num, cfg.anchors.seed)
+            names = draw_anchors(self.pool, cfg.anchors.num, cfg.anchors.seed)
         self.anchor_names = names
         self.anchors = self._anchor_prompts(names)
         log.info("rtos: %d anchors (%s), %d learnable tokens of width %d", len(names), cfg.anchors.init,
@@ -358,19 +358,20 @@ class RTOS(Method):
         return [group for group in groups if group["params"]]
 
     # ----------------------------------------------------------------- what the run folder keeps
-    def anchors_file(self) -> str:
-        return "".join(f"{name}\n" for name in self.anchor_names)
+    def files(self) -> dict[str, str]:
+        """anchor_pool.txt: every candidate name; anchors.txt: the `anchors.num` drawn from it (one name a line)."""
+        return {"anchor_pool.txt": "".join(f"{name}\n" for name in self.pool),
+                "anchors.txt": "".join(f"{name}\n" for name in self.anchor_names)}
 
     def record(self) -> dict:
-        """The anchor pool, so that a result says which words it used (anchors.txt holds them, one a line)."""
+        """The anchor pool and the anchors drawn from it (their files' sizes and hashes), so that a result says which
+        words it used and which datasets' classes were kept out."""
+        files = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in self.files().items()}
         return {"anchors": {
-            "pool_size": self.pool_size, "num_anchors": len(self.anchor_names), "file": "anchors.txt",
-            "sha256": hashlib.sha256(self.anchors_file().encode("utf-8")).hexdigest(),
+            "pool_size": len(self.pool), "pool_file": "anchor_pool.txt", "pool_sha256": files["anchor_pool.txt"],
+            "num_anchors": len(self.anchor_names), "file": "anchors.txt", "sha256": files["anchors.txt"],
             "excluded_datasets": list(self.task.evaluated_datasets) if self.cfg.anchors.exclude_targets else [],
         }}
-
-    def files(self) -> dict[str, str]:
-        return {"anchors.txt": self.anchors_file()}
 
     # ----------------------------------------------------------------- after training
     @torch.no_grad()
