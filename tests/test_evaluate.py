@@ -89,15 +89,17 @@ def test_evaluate_scores_another_dataset_retargeted(tmp_path, capsys):
     assert main([str(tmp_path / "run"), "dataset=dtd"]) == 0
     printed = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
     target = image_task_data(cfg, False, torch.device("cpu"), with_draw=False).load_target("dtd")
-    zero_shot = torch.tensor(np.asarray(target.test.image[:, 0], dtype=np.float32)) @ torch.tensor(target.text).float().t()
+    image = torch.tensor(np.asarray(target.test.image[:, 0], dtype=np.float32))
+    zero_shot = image @ torch.tensor(target.text).float().t()
     assert float(printed["dtd/acc"]) == pytest.approx(100 * accuracy(zero_shot, target.test.labels))
     assert float(printed["test/acc"]) == metrics["test/acc"]  # the run's own test set comes first, unchanged
 
 
 def test_ship_moved_to_another_dataset_is_re_evaluated_exactly(tmp_path):
     """SHIP without label-only classes trains its generator when retargeted, on the draw (seeded): evaluate too."""
-    cfg = compose_config([*TINY, "method=ship", *QUICK, "++method.generator.train.epochs=1", "++method.transfer.per_class=2",
-                          "protocol.task=cross_dataset", "protocol.targets=[dtd]", "save_logits=true"], tmp_path)
+    cfg = compose_config([*TINY, "method=ship", *QUICK, "++method.generator.train.epochs=1",
+                          "++method.transfer.per_class=2", "protocol.task=cross_dataset", "protocol.targets=[dtd]",
+                          "save_logits=true"], tmp_path)
     trees.build(Path(cfg.paths.data_root), "dtd")
     run(cfg, tmp_path / "run")
     results, _, _ = evaluate(tmp_path / "run")
@@ -146,7 +148,8 @@ def test_rtos_keeps_its_anchors_when_the_vocabulary_differs_at_evaluation(tiny_c
 
 def test_a_features_file_run_is_re_evaluated_without_its_train_rows(tiny_config, tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "features.npz", train_features=rng.normal(size=(20, 8)), train_labels=np.repeat(np.arange(4), 5),
+    np.savez(tmp_path / "features.npz",
+             train_features=rng.normal(size=(20, 8)), train_labels=np.repeat(np.arange(4), 5),
              val_features=rng.normal(size=(8, 8)), val_labels=np.repeat(np.arange(4), 2),
              test_features=rng.normal(size=(12, 8)), test_labels=np.repeat(np.arange(4), 3),
              text_features=rng.normal(size=(4, 8)))
@@ -157,7 +160,8 @@ def test_a_features_file_run_is_re_evaluated_without_its_train_rows(tiny_config,
 
 
 def test_a_base_to_new_run_is_re_evaluated_on_base_and_new_classes(tiny_config, tmp_path, capsys):
-    metrics = run(tiny_config("method=tip_adapter_f", *QUICK, "protocol.task=base_to_new", "save_logits=true"), tmp_path)
+    metrics = run(tiny_config("method=tip_adapter_f", *QUICK, "protocol.task=base_to_new", "save_logits=true"),
+                  tmp_path)
     results, scores, _ = evaluate(tmp_path)
     assert torch.equal(results["new"].logits, saved_logits(tmp_path, "new"))
     assert scores["H"] == metrics["H"]

@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from clipadapt import protocols, trained_state
 from clipadapt.data.benchmarks import IMAGENET_VARIANTS
 
-log = logging.getLogger("clipadapt.evaluate")
 USAGE = "usage: python -m clipadapt.evaluate RUN_DIR [dataset=<id>] [protocol.targets=[a,b]] [key=value ...]"
 
 
@@ -75,7 +74,7 @@ def with_transfer_task(cfg: DictConfig, trained_task: str) -> DictConfig:
     task = cfg.protocol.task
     if "base_to_new" in (task, trained_task) and (task != trained_task or cfg.protocol.targets):
         raise EvaluateError(f"the run was trained for protocol.task={trained_task}: a base-to-new run is evaluated on "
-                            f"its own dataset only, and no other run as base-to-new")
+                            f"its own dataset only, and a run of another protocol cannot be evaluated as base-to-new")
     if task == "few_shot" and cfg.protocol.targets:
         variants = cfg.dataset.name == "imagenet" and all(name in IMAGENET_VARIANTS for name in cfg.protocol.targets)
         cfg.protocol.task = "domain_generalisation" if variants else "cross_dataset"
@@ -129,8 +128,11 @@ def report(scores: dict, metrics: dict) -> list[str]:
         if not (key.endswith("/acc") or key in ("H", "targets/mean_acc")):
             continue
         recorded = metrics.get(key)
-        note = "" if recorded is None else "  (as in metrics.json)" if recorded == value else f"  (metrics.json: {recorded!r})"
-        lines.append(f"{key} {value!r}{note}")
+        if recorded is None:  # a target the run did not score
+            lines.append(f"{key} {value!r}")
+        else:
+            same = "(as in metrics.json)" if recorded == value else f"(metrics.json: {recorded!r})"
+            lines.append(f"{key} {value!r}  {same}")
     return lines
 
 
