@@ -430,14 +430,16 @@ def _results(folder: Path) -> dict[tuple, dict]:
 
 def _as_run(results: dict[tuple, dict]) -> str:
     epochs = "/".join(map(str, sorted({r["epochs"] for r in results.values()})))
-    return f"as run: epochs {epochs}, searched in {sum(r['searched'] for r in results.values())} of {len(results)} cells"
+    searched = sum(r["searched"] for r in results.values())
+    return f"as run: epochs {epochs}, searched in {searched} of {len(results)} cells"
 
 
 def configured_recipe() -> str:
     """tip_adapter_f's recipe as conf/method/ sets it (what a user's cell runs)."""
     from omegaconf import OmegaConf
 
-    base, method = (OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml") for name in ("tip_adapter", "tip_adapter_f"))
+    base, method = (OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml")
+                    for name in ("tip_adapter", "tip_adapter_f"))
     return (f"the configured {method.train.epochs} epochs and "
             f"{base.search.beta_steps} x {base.search.alpha_steps} alpha/beta search")
 
@@ -448,7 +450,8 @@ class Grid:
 
     size: Size
     args: argparse.Namespace
-    files: list[Path]
+    classes: tuple[int, ...]
+    files: list[Path]  # one per class count (`write_feature_files`)
     overrides: tuple[str, ...]  # over the method's configured recipe
     recipe: str  # those overrides in words
     env: dict
@@ -485,8 +488,8 @@ class Grid:
         return wall * scale, _results(out), sampled
 
     def case(self) -> str:
-        size, counts = self.size, sorted({int(re.search(r"(\d+)classes", f.name)[1]) for f in self.files})
-        classes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        size, least, most = self.size, min(self.classes), max(self.classes)
+        classes = f"{least}" if least == most else f"{least}-{most}"
         return (f"tip_adapter_f, {plural(len(self.files), 'feature set')} ({classes} classes) x "
                 f"{plural(len(size.grid_shots), 'shot')} x {plural(len(size.grid_seeds), 'seed')} = "
                 f"{plural(len(self.cells), 'cell')}")
@@ -536,8 +539,8 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     if not size.grid_search:
         overrides.append("++method.search.enabled=false")
         recipe.append("no alpha/beta search")
-    grid = Grid(size, args, write_feature_files(size, size.grid_classes, workdir / "features"), tuple(overrides),
-                ", ".join(recipe) or configured_recipe(), env)
+    grid = Grid(size, args, size.grid_classes, write_feature_files(size, size.grid_classes, workdir / "features"),
+                tuple(overrides), ", ".join(recipe) or configured_recipe(), env)
     row, default_run = batched_row(grid, workdir / "reduced")
     rows = [row]
 
@@ -545,8 +548,8 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     if cuda or size.grid_compare_stacking:
         rows.append(stacking_row(grid, workdir / "reduced", default_run, cuda))
 
-    real = Grid(size, args, write_feature_files(size, size.grid_real_classes, workdir / "features-real"), (),
-                configured_recipe(), env)
+    real_files = write_feature_files(size, size.grid_real_classes, workdir / "features-real")
+    real = Grid(size, args, size.grid_real_classes, real_files, (), configured_recipe(), env)
     rows.append(batched_row(real, workdir / "real", "cells/min, batched, configured recipe")[0])
     return rows
 
@@ -797,7 +800,8 @@ def missing_device(device: str) -> str | None:
         return None
     if torch.version.cuda is None:
         return f"no CUDA device: torch {torch.__version__} is a CPU build (on a GPU machine: make install TORCH=gpu)"
-    return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none (driver? CUDA_VISIBLE_DEVICES?)"
+    return (f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none "
+            "(driver? CUDA_VISIBLE_DEVICES?)")
 
 
 def machine() -> dict:

@@ -24,8 +24,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine w
 @pytest.mark.slow
 def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(BENCH), "--size", "tiny", "--json", str(out), "--workdir", str(tmp_path)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, str(BENCH), "--size", "tiny", "--json", str(out), "--workdir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failed"] == [] and report["size"] == "tiny"
