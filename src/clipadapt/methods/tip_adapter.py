@@ -86,8 +86,10 @@ def grid_correct(image: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     some alpha only if an upper bound of its cache logit lets it: shots * exp(beta * (max affinity - 1)) bounds its
     sum of activations, and the logit gap is linear in alpha, so a class below the true one at both ends of the alpha
     grid (by a slack far above float32's rounding) is below it at every alpha. The classes left, a few per image, get
-    their exact activation sums and logits with the official float operations, as the true class always does; ties
-    between classes go to the first (torch.argmax). Images go in chunks: the counts add up.
+    their exact activation sums and logits with the official float operations, as the true class always does. Two
+    things the official code leaves to its libraries are fixed here: a class's activations are summed in key order
+    (the official `@ cache_values` sums in its BLAS's order, which moves the last bit), and ties between classes go
+    to the first (torch.argmax; cls_acc's topk breaks them as its kernel does). Images go in chunks: counts add up.
     """
     if min(betas) <= 0 or min(alphas) < 0:
         raise ValueError("Tip-Adapter's search needs positive betas and alphas: set method.search.beta_max and "
