@@ -114,6 +114,7 @@ def _chunk_correct(zero_shot, affinity, labels, slots, shots, betas, alpha_colum
     nearest = (by_class.amax(-1) - 1).gather(1, order)  # beta * this bounds each activation's exponent (-inf: no keys)
     bound_shots = (shots.to(affinity.dtype) * (1 + BOUND_MARGIN))[order]
     rising_gap = -gap  # ascending, for searchsorted
+    rival_gap = gap.masked_fill(order == labels[:, None], float("-inf"))  # the true class is no rival of its own
     most = float(shots.max()) * (1 + BOUND_MARGIN)
     highest, z_scale = nearest.amax(1), float(zero_shot.abs().max())
     alpha_low, alpha_high = float(alpha_column.min()), float(alpha_column.max())
@@ -125,10 +126,10 @@ def _chunk_correct(zero_shot, affinity, labels, slots, shots, betas, alpha_colum
         reach = torch.where(excess > 0, alpha_high * excess, alpha_low * excess) + slack  # gap >= -reach can threaten
         width = int(torch.searchsorted(rising_gap, reach[:, None], right=True).max())
         rise = torch.exp(nearest[:, :width] * beta).mul_(bound_shots[:, :width]).sub_(true_cache[:, None])
-        threat = torch.add(gap[:, :width], rise, alpha=alpha_high).ge_(-slack)
-        threat.logical_or_(torch.add(gap[:, :width], rise, alpha=alpha_low).ge_(-slack))
-        threat.logical_and_(order[:, :width] != labels[:, None])
-        image_index, column = threat.nonzero(as_tuple=True)
+        # the gap is linear in alpha: its larger end decides
+        closest = torch.maximum(torch.add(rival_gap[:, :width], rise, alpha=alpha_high),
+                                torch.add(rival_gap[:, :width], rise, alpha=alpha_low))
+        image_index, column = (closest >= -slack).nonzero(as_tuple=True)
         rival = order[image_index, column]
         rival_cache = exp_affinity(by_class[image_index, rival], beta).sum(-1)
         true_logits = true_zero_shot + true_cache * alpha_column  # [A, n]: clip_logits + cache_logits * alpha
