@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from clipadapt.app import CONFIG_DIR, guarded, output_dir
 from clipadapt.config import check_options
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipadapt.extract")  # also when run as __main__
 
 
 def extract(cfg: DictConfig) -> dict:

@@ -28,6 +28,8 @@ import xxhash
 from filelock import FileLock
 from PIL import Image
 
+from clipadapt.progress import progress
+
 log = logging.getLogger(__name__)
 
 # 2: global image features are CLIP's raw output (Tip-Adapter's cache keys average raw views); dense tokens and
@@ -422,8 +424,6 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def _encode(self, paths: list[str], view: View, dense: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        from tqdm import tqdm
-
         backbone = self.backbone
         augment = (augmentation_for(backbone.preprocess, backbone.image_size, view.recipe)
                    if view.name == "augment" else None)
@@ -433,7 +433,7 @@ class FeatureExtractor:
             persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None,
         )
         globals_, denses = [], []
-        for pixels in tqdm(loader, desc=f"{self.dataset} {view.tag} features", unit="batch", leave=False):
+        for pixels in progress(loader, desc=f"{self.dataset} {view.tag} features", unit="batch"):
             g, d = backbone.encode_images(pixels, dense=dense)
             globals_.append(g.cpu().numpy().astype(self.dtype))
             if d is not None:
