@@ -27,8 +27,14 @@ def one_of(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
-def at_least(default: int, minimum: int) -> Any:
+def at_least(default: Any, minimum: float) -> Any:
+    """A number >= `minimum` (null passes where the field's type allows it: Optional[int] = None means "derived")."""
     return field(default=default, metadata={"minimum": minimum})
+
+
+def above(default: float, bound: float) -> Any:
+    """A number > `bound` (a learning rate of 0 would train nothing, silently)."""
+    return field(default=default, metadata={"above": bound})
 
 
 def matching(default: str, pattern: str, shown: str) -> Any:
@@ -151,17 +157,31 @@ def option_errors(schema: type, node: DictConfig, prefix: str = "") -> list[str]
         key, value = f"{prefix}{spec.name}", node.get(spec.name)
         if is_dataclass(types[spec.name]) and isinstance(value, DictConfig):
             errors += option_errors(types[spec.name], value, f"{key}.")
-        elif (allowed := _violation(spec.metadata, value)) is not None:
+        elif (allowed := _violation(_rule(schema, spec.name), value)) is not None:
             errors.append(f"{key}={value}: {allowed}")
     return errors
+
+
+def _rule(schema: type, name: str) -> dict:
+    """The field's rule, from the nearest class that declares one: a subclass that only changes a default
+    (`optimizer: str = "sgd"` in CoOp's TrainSchema) keeps its parent's choices and bounds."""
+    for cls in schema.__mro__:
+        spec = getattr(cls, "__dataclass_fields__", {}).get(name)
+        if spec is not None and spec.metadata:
+            return dict(spec.metadata)
+    return {}
 
 
 def _violation(rule: dict, value: Any) -> str | None:
     """What `value` should have been under the field's rule, or None when it complies."""
     if "choices" in rule and value not in rule["choices"]:
         return "use one of " + ", ".join("null" if choice is None else str(choice) for choice in rule["choices"])
+    if value is None:  # outside choices, a null is for the field's type to allow (OmegaConf checked it)
+        return None
     if "minimum" in rule and value < rule["minimum"]:
         return f"must be >= {rule['minimum']}"
+    if "above" in rule and value <= rule["above"]:
+        return f"must be > {rule['above']}"
     if "pattern" in rule and not re.fullmatch(rule["pattern"], str(value)):
         return f"use {rule['shown']}"
     return None

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
-from clipadapt.config import one_of
-from clipadapt.engine import SCHEDULE_UNITS, WARMUP_TYPES
+from clipadapt.config import above, at_least, one_of
+from clipadapt.engine import OPTIMIZERS, SCHEDULE_UNITS, WARMUP_TYPES
 from clipadapt.features import Batch, FeatureSet, to_tensor
 
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every method uses it for zero-shot terms
@@ -25,20 +25,20 @@ LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every meth
 
 @dataclass
 class TrainSchema:
-    epochs: int = 0  # 0: training-free
-    batch_size: int = 256
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    epochs: int = at_least(0, 0)  # 0: training-free
+    batch_size: int = at_least(256, 1)
+    optimizer: str = one_of("adamw", *OPTIMIZERS)
+    lr: float = above(1e-3, 0)
+    weight_decay: float = at_least(0.0, 0)
     momentum: float = 0.9  # sgd
     eps: float = 1e-8  # adamw
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = one_of("cosine", "cosine", "constant")
     schedule_unit: str = one_of("step", *SCHEDULE_UNITS)  # step: every step | epoch: after each epoch (Dassl's)
-    warmup_epochs: int = 0
+    warmup_epochs: int = at_least(0, 0)
     warmup_type: str = one_of("constant", *WARMUP_TYPES)  # constant: at warmup_lr (Dassl's) | linear: up to lr
     warmup_lr: float = 1e-5
     drop_last: bool = False  # leave out the last partial batch when the draw holds a full one (Dassl's train loader)
-    views: str = "augment"  # cached train views the loop samples from: augment | plain
+    views: str = one_of("augment", "augment", "plain")  # the cached train views the loop samples from
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.engine import to_batch
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
@@ -62,13 +63,14 @@ class CalipSearchSchema:
 class CalipSchema(MethodSchema):
     beta2: float = 1.12  # f.T~ weight; the paper's per-dataset values come from conf/dataset_method (ImageNet's here)
     beta3: float = 0.02  # v.T weight (v sums two averages of text vectors: hence ~100x smaller)
-    beta_source: str = "search"  # search: (beta2, beta3) searched where the protocol allows | paper: as configured
+    # search: (beta2, beta3) searched where the protocol allows | paper: as configured
+    beta_source: str = one_of("search", *BETA_SOURCES)
     # the configured beta2/beta3 are the paper's (searched on test by its authors: runs using them are flagged leaky);
     # false when you configure betas of your own
     betas_test_tuned: bool = True
     attn_scale_text: float = 2.0  # tau of the softmax over locations (visual-guided texts); official: times 2
     attn_scale_visual: float = 2.0  # tau of the softmax over classes (text-blended locations)
-    pool: str = "mean+max"  # mean+max (official: the two summed) | mean | max
+    pool: str = one_of("mean+max", *POOLS)  # mean+max (official: the two summed) | mean | max
     renorm: bool = False  # re-normalise T~ and v before the logits (SuS-X's variant; not the official code)
     chunk_size: int = 0  # images per chunk of the attention; 0: each [chunk, M, max(K, D)] tensor under 2^24 floats
     search: CalipSearchSchema = field(default_factory=CalipSearchSchema)
@@ -78,7 +80,8 @@ class CalipSchema(MethodSchema):
 class CalipFSSchema(CalipSchema):
     fidelity: str = "reconstructed"
     beta_source: str = "paper"  # trained with fixed betas: the dataset's zero-shot values
-    proj_type: str = "linear_identity"  # linear_identity (our reading) | mlp_bottleneck128 (unofficial reimpl.)
+    # linear_identity (our reading) | mlp_bottleneck128 (the unofficial reimplementation)
+    proj_type: str = one_of("linear_identity", *PROJ_TYPES)
     shared_proj: bool = True  # one phi for both modalities (false: one per modality)
     # The unofficial reimplementation's recipe ("stick to paper", a Dassl trainer on CoOp's config): SGD lr 2e-3 with
     # Dassl's momentum 0.9 and weight decay 5e-4, 200 epochs, batch 32, one constant warm-up epoch, cosine stepped

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.features import unit_rows
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.methods.tip_adapter import exp_affinity
@@ -68,15 +69,18 @@ class CCLISearchSchema:
 class CCLISchema(MethodSchema):
     fidelity: str = "reconstructed"
     concepts: ConceptSchema = field(default_factory=ConceptSchema)
-    concept_pool: str = "global"  # global: one averaged feature per train image | views: every augmented view
-    selection_score: str = "softmax"  # softmax: over concepts per pool item (distinctiveness) | raw: affinity
+    # global: one averaged feature per train image | views: every augmented view
+    concept_pool: str = one_of("global", "global", "views")
+    # softmax: over concepts per pool item (distinctiveness) | raw: affinity
+    selection_score: str = one_of("softmax", "softmax", "raw")
     topk: Optional[int] = None  # K; null: 8 at >= 4 shots, else the shots (x views with concept_pool=views)
-    aggregate: str = "weighted"  # weighted | mean: one key per concept (variant A) | none: one key per item (B)
+    # weighted | mean: one key per concept (variant A) | none: one key per item (B)
+    aggregate: str = one_of("weighted", "weighted", "mean", "none")
     dedup: bool = True  # drop concepts whose support set repeats an earlier one
     keep_top_concepts: Optional[int] = None  # keep only the most distinctive M_keep concepts
     use_text_concepts: bool = True
-    text_init: str = "zero"  # zero | class_similarity (0.1 T W^T)
-    head: str = "linear"  # linear | mlp
+    text_init: str = one_of("zero", "zero", "class_similarity")  # class_similarity: 0.1 T W^T
+    head: str = one_of("linear", "linear", "mlp")
     mlp_hidden: int = 512
     dropout: float = 0.5
     freeze_concepts: bool = False  # keep the visual-concept keys V at their learned-from-images values

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.features import unit_rows
 from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.vocab import dataset_classnames, read_words, shipped_datasets, unique
@@ -55,7 +56,8 @@ class AnchorSchema:
     datasets: Optional[list[str]] = None  # cross_dataset: whose shipped class lists; null: all 11 benchmarks
     num: int = 1000  # M (fewer when the pool is smaller)
     seed: int = 0  # the permutation that draws M names from the pool
-    init: str = "names"  # names: the words' token embeddings | random: one N(0, init_std^2) token per anchor
+    # names: the words' token embeddings | random: one N(0, init_std^2) token per anchor
+    init: str = one_of("names", "names", "random")
     init_std: float = 0.02
     template: str = "a photo of a {}."
     learnable: bool = True
@@ -65,7 +67,8 @@ class AnchorSchema:
 
 @dataclass
 class RelationSchema:
-    mode: str = "softmax_anchor"  # softmax_anchor: softmax over anchors of cos / tau_r | raw_cosine
+    # softmax_anchor: softmax over anchors of cos / tau_r | raw_cosine
+    mode: str = one_of("softmax_anchor", "softmax_anchor", "raw_cosine")
     tau_r: float = 0.01
 
 
@@ -73,11 +76,11 @@ class RelationSchema:
 class RTMSchema:
     heads: int = 1
     d_h: Optional[int] = None  # null: the embedding width D
-    init: str = "identity"  # identity | xavier
+    init: str = one_of("identity", "identity", "xavier")
     learnable: bool = True  # false: W_q, W_k stay at their initialisation
     tau_a: float = 0.01
     layernorm: bool = False
-    output: str = "scaled"  # scaled: s_rt * O | log: log(O + 1e-8)
+    output: str = one_of("scaled", "scaled", "log")  # scaled: s_rt * O | log: log(O + 1e-8)
     s_rt: float = 100.0
 
 
@@ -97,7 +100,8 @@ class RTOSSchema(MethodSchema):
     relation: RelationSchema = field(default_factory=RelationSchema)
     rtm: RTMSchema = field(default_factory=RTMSchema)
     search: AlphaSearchSchema = field(default_factory=AlphaSearchSchema)
-    precision: str = "bf16"  # text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
+    # the text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
+    precision: str = one_of("bf16", *PRECISIONS)
     train: TrainSchema = field(default_factory=lambda: TrainSchema(
         epochs=20, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine"))
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from clipadapt.config import one_of
 from clipadapt.engine import fit
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import METHODS, Batch, Method, MethodSchema, TrainSchema, register_method
@@ -76,7 +77,7 @@ def _ship_coop() -> CoOpSchema:
 @dataclass
 class ShipSchema(MethodSchema):
     fidelity: str = "as published (stage2=coop, the released code); reconstructed (clip_adapter, tip_adapter_f)"
-    stage2: str = "coop"  # the host method: coop | clip_adapter | tip_adapter_f
+    stage2: str = one_of("coop", *HOSTS)  # the host method
     generator: GeneratorSchema = field(default_factory=GeneratorSchema)
     synth: SynthSchema = field(default_factory=SynthSchema)
     transfer: TransferSchema = field(default_factory=TransferSchema)

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.methods.base import Batch, FewShotTask, Method, TrainSchema
 from clipadapt.methods.coop import ClassPrompts, encode_prompts
 
@@ -32,7 +33,7 @@ class GeneratorSchema:
     latent_dim: Optional[int] = None  # None: the text tower's token width (the paper); 512 for ViT-B/16
     enc_hidden: int = 2048  # the released 10-dataset script; ImageNet script and paper: 4096
     mlp_hidden: int = 4096
-    activation: str = "relu"  # bias MLP: relu | leaky_relu (ImageNet script)
+    activation: str = one_of("relu", *ACTIVATIONS)  # the bias MLP's (leaky_relu: the ImageNet script)
     kl_weight: float = 1.0
     init_std: float = 0.02
     precision: str = "bf16"  # text tower under bf16 autocast on CUDA; CPU runs fp32
