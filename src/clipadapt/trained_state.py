@@ -55,11 +55,11 @@ def snapshot(method: nn.Module) -> TrainedState:
 
 def write(state: TrainedState, path: Path) -> None:
     """Atomically (temp file + rename), like metrics.json."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     metadata = {"format": FORMAT, "method": state.method, "extra_state": json.dumps(state.extra)}
     partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state.tensors, str(partial), metadata=metadata)
+    partial.write_bytes(save(state.tensors, metadata=metadata))  # save_file would make it owner-only (0600)
     partial.replace(path)
 
 
