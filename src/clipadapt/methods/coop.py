@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
-from clipadapt.engine import SCHEDULE_UNITS
 from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, MethodSchema, TrainSchema, register_method
 
 log = logging.getLogger(__name__)
@@ -101,7 +99,7 @@ class CoOpTrainSchema(TrainSchema):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    schedule_unit: str = one_of("epoch", *SCHEDULE_UNITS)  # Dassl steps the lr after each epoch
+    schedule_unit: str = "epoch"  # Dassl steps the lr after each epoch
     warmup_epochs: int = 1  # constant warm-up at warmup_lr, as CoOp's
     warmup_lr: float = 1e-5
     drop_last: bool = True  # Dassl's train loader
