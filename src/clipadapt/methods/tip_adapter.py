@@ -26,6 +26,7 @@ from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, reg
 # Rounding allowances of the search's pruning bounds, far above float32's (~1e-7 relative): see `grid_correct`.
 BOUND_MARGIN = 1e-3
 SLACK = 1e-4
+BETA_BLOCK = 8  # betas per tensor operation of the search
 
 
 @dataclass
@@ -111,34 +112,38 @@ def _chunk_correct(zero_shot, affinity, labels, slots, shots, betas, alpha_colum
     true_zero_shot = zero_shot[rows, labels]
     # Classes by decreasing zero-shot logit, so that each beta reads only a prefix: those close enough to the true one
     gap, order = torch.sort(zero_shot - true_zero_shot[:, None], dim=1, descending=True)  # [n, K]
-    nearest = (by_class.amax(-1) - 1).gather(1, order)  # beta * this bounds each activation's exponent (-inf: no keys)
-    bound_shots = (shots.to(affinity.dtype) * (1 + BOUND_MARGIN))[order]
     rising_gap = -gap  # ascending, for searchsorted
     rival_gap = gap.masked_fill(order == labels[:, None], float("-inf"))  # the true class is no rival of its own
+    nearest = (by_class.amax(-1) - 1).gather(1, order)  # beta * this bounds each activation's exponent (-inf: no keys)
+    bound_shots = (shots.to(affinity.dtype) * (1 + BOUND_MARGIN))[order]
     most = float(shots.max()) * (1 + BOUND_MARGIN)
     highest, z_scale = nearest.amax(1), float(zero_shot.abs().max())
     alpha_low, alpha_high = float(alpha_column.min()), float(alpha_column.max())
+    # A block of betas per tensor operation (the same float operations as one Python float at a time): few, large
+    # operations, which also keeps torch's threads from waiting on each other on a busy machine.
+    beta_column = torch.tensor(betas, dtype=affinity.dtype, device=affinity.device)[:, None]
     correct = []
-    for beta in betas:
-        true_cache = exp_affinity(true_affinity, beta).sum(-1)  # [n]
-        excess = torch.exp(highest * beta).mul_(most).sub_(true_cache)  # per image: bound of max_k C_k - C_true
-        slack = SLACK * (z_scale + alpha_high * float(excess.max() + 2 * true_cache.max()))
+    for block in beta_column.split(BETA_BLOCK):  # [b, 1]
+        true_cache = exp_affinity(true_affinity, block[:, :, None]).sum(-1)  # [b, n]
+        excess = torch.exp(highest * block).mul_(most).sub_(true_cache)  # per image: bound of max_k C_k - C_true
+        slack = SLACK * (z_scale + alpha_high * (excess.amax(1, keepdim=True) + 2 * true_cache.amax(1, keepdim=True)))
         reach = torch.where(excess > 0, alpha_high * excess, alpha_low * excess) + slack  # gap >= -reach can threaten
-        width = int(torch.searchsorted(rising_gap, reach[:, None], right=True).max())
-        rise = torch.exp(nearest[:, :width] * beta).mul_(bound_shots[:, :width]).sub_(true_cache[:, None])
+        width = int(torch.searchsorted(rising_gap, reach.t().contiguous(), right=True).max())
+        rise = torch.exp(nearest[:, :width] * block[:, :, None]).mul_(bound_shots[:, :width]).sub_(true_cache[:, :, None])
         # the gap is linear in alpha: its larger end decides
         closest = torch.maximum(torch.add(rival_gap[:, :width], rise, alpha=alpha_high),
                                 torch.add(rival_gap[:, :width], rise, alpha=alpha_low))
-        image_index, column = (closest >= -slack).nonzero(as_tuple=True)
+        beta_index, image_index, column = (closest >= slack[:, :, None].neg()).nonzero(as_tuple=True)
         rival = order[image_index, column]
-        rival_cache = exp_affinity(by_class[image_index, rival], beta).sum(-1)
-        true_logits = true_zero_shot + true_cache * alpha_column  # [A, n]: clip_logits + cache_logits * alpha
+        rival_cache = exp_affinity(by_class[image_index, rival], block[beta_index]).sum(-1)  # [P]
+        true_logits = true_zero_shot + true_cache[:, None, :] * alpha_column  # [b, A, n]: clip + cache * alpha
         rival_logits = zero_shot[image_index, rival] + rival_cache * alpha_column  # [A, P]
-        target = true_logits[:, image_index]
+        target = true_logits[beta_index, :, image_index].t()  # [A, P]
         beaten = (rival_logits > target) | ((rival_logits == target) & (rival < labels[image_index]))
-        wrong = torch.zeros_like(true_logits).index_add_(1, image_index, beaten.to(true_logits.dtype)) > 0
-        correct.append(len(labels) - wrong.sum(1))
-    return torch.stack(correct)
+        wrong = torch.zeros(len(alpha_column), len(block) * len(labels), dtype=affinity.dtype, device=affinity.device)
+        wrong.index_add_(1, beta_index * len(labels) + image_index, beaten.to(affinity.dtype))
+        correct.append(len(labels) - (wrong.view(len(alpha_column), len(block), len(labels)) > 0).sum(-1).t())
+    return torch.cat(correct)
 
 
 def first_best(correct: torch.Tensor) -> tuple[int, int, int]:
