@@ -146,6 +146,7 @@ def test_run_cell_skips_done_cells_and_sets_aside_other_configs(tiny_config, tmp
     run_cell(changed, tmp_path, lambda: job(changed))
     kept = tmp_path / f"metrics.{config_hash(cfg)}.json"
     assert json.loads(kept.read_text())["test/acc"] == first["test/acc"]  # the other config's result is kept
+    assert (tmp_path / f"model.{config_hash(cfg)}.safetensors").exists()  # with the model it was measured with
     assert is_done(changed, tmp_path) is not None and is_done(cfg, tmp_path) is None
 
 

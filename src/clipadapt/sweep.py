@@ -99,15 +99,18 @@ def write_status(output_dir: Path, status: str, digest: str, **extra) -> None:
 
 
 def _set_aside_previous(output_dir: Path, digest: str) -> None:
-    """Before a (re-)run: keep a result of another config as metrics.<its hash>.json, drop a stale error.json."""
+    """Before a (re-)run: keep a result of another config as metrics.<its hash>.json (its saved model and logits
+    likewise), drop a stale error.json."""
     metrics = read_json(output_dir / "metrics.json")
     if metrics is not None:
         old = config_hash(metrics["config"]) if isinstance(metrics.get("config"), dict) else "unknown"
         if old != digest:
-            kept = output_dir / f"metrics.{old}.json"
-            (output_dir / "metrics.json").replace(kept)
-            log.warning("%s: its config changed since metrics.json was written: kept as %s, running again",
-                        output_dir, kept.name)
+            for name in ("model.safetensors", "logits.npz", "metrics.json"):  # metrics.json last: it marks a result
+                if (output_dir / name).exists():
+                    stem, suffix = name.split(".", 1)
+                    (output_dir / name).replace(output_dir / f"{stem}.{old}.{suffix}")
+            log.warning("%s: its config changed since metrics.json was written: kept as metrics.%s.json, running again",
+                        output_dir, old)
     (output_dir / "error.json").unlink(missing_ok=True)
 
 
