@@ -1,0 +1,62 @@
+"""torch.optim's fused AdamW and SGD without their torch._dynamo entry points.
+
+torch.optim wraps add_param_group, zero_grad and step in dynamo guards whose first call imports torch._dynamo
+(~1.2 s, most of a cached cell's start cost). These subclasses keep torch's own classes (state, param groups, LR
+schedulers accept them) and call the same fused kernels through torch's own undecorated helpers
+(`_fused_adam`, `_fused_sgd`): the same arithmetic on the same tensors, so results are bit-identical
+(tests/test_optim.py). They are for eager use only; nothing here is meant to be compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import _fused_adam
+from torch.optim.sgd import _fused_sgd
+
+
+class _WithoutDynamo:
+    """The undecorated bodies of torch.optim.Optimizer's dynamo-guarded methods (the guard is functools.wraps'd)."""
+
+    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
+    zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
+
+
+class FusedAdamW(_WithoutDynamo, torch.optim.AdamW):
+    """torch.optim.AdamW(..., fused=True); `step` is AdamW.step's fused branch."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, fused=True, **options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("FusedAdamW.step takes no closure: compute the loss and call backward() first")
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
+            _fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, None, None,
+                        amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                        capturable=False, differentiable=False, decoupled_weight_decay=True)
+
+
+class FusedSGD(_WithoutDynamo, torch.optim.SGD):
+    """torch.optim.SGD(..., fused=True); `step` is SGD.step's fused branch, momentum buffers kept in the state."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, fused=True, **options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("FusedSGD.step takes no closure: compute the loss and call backward() first")
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            has_sparse_grad = self._init_group(group, params, grads, buffers)
+            _fused_sgd(params, grads, buffers, None, None, weight_decay=group["weight_decay"],
+                       momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                       nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad)
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
