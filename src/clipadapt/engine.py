@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from clipadapt.features import Batch, FeatureSet, read_rows, to_tensor, unit_rows
+from clipadapt.features import Batch, FeatureSet, read_pairs, read_rows, to_tensor, unit_rows
 from clipadapt.optim import FusedAdamW, FusedSGD
 from clipadapt.progress import progress
 
@@ -136,7 +136,7 @@ class CellTrainer:
         self.per_epoch_schedule = cfg.schedule_unit == "epoch"
         # The views the loop samples go to the device once per fit, in their cached dtype (the float32 cast per
         # batch is exact): a step then indexes a device tensor instead of gathering fp16 rows of a memory map.
-        # Dense features ([N, V, M, D] can outgrow memory) are still read per batch.
+        # Dense features ([N, V, M, D] can outgrow memory) are read per batch, only the step's rows (read_pairs).
         low, high = self.view_range
         self.image = torch.from_numpy(np.array(train.image[:, low:high])).to(self.device)
         self.labels = torch.as_tensor(train.labels).to(self.device)
@@ -159,7 +159,7 @@ class CellTrainer:
         image = F.normalize(self.image[order, self.views[rows]].float(), dim=-1)
         dense = None
         if self.dense is not None:
-            dense = unit_rows(self.dense[self.cpu_order[rows], self.cpu_views[rows]], self.device)
+            dense = unit_rows(read_pairs(self.dense, self.cpu_order[rows], self.cpu_views[rows]), self.device)
         return Batch(image=image, dense=dense), self.labels[order]
 
     def step(self, loss: torch.Tensor, rows: int) -> None:

@@ -86,6 +86,71 @@ def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     return rows.reshape(stop - start, *array.shape[1:])
 
 
+def read_pairs(array, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """`array[rows, views]` (one view per row, e.g. a training step's rows) as an in-memory copy.
+
+    From a whole memory-mapped cache file each [row, view] slab is read with pread at its offset, for the reason
+    `read_rows` gives: rows read through the mapping would stay resident, and a training loop visits them all.
+    """
+    if isinstance(array, ViewStack):
+        return array.take(rows, views)
+    whole_file = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename
+    if not whole_file or not array.flags.c_contiguous:
+        return np.asarray(array[rows, views])
+    slab = array[0, 0].nbytes
+    out = np.empty((len(rows), *array.shape[2:]), dtype=array.dtype)
+    with open(array.filename, "rb", buffering=0) as f:
+        for i, (row, view) in enumerate(zip(rows.tolist(), views.tolist())):
+            offset = array.offset + (row * array.shape[1] + view) * slab
+            if os.preadv(f.fileno(), [memoryview(out[i]).cast("B")], offset) != slab:
+                raise CacheError(f"{array.filename} is shorter than its header says: remove it to recompute it")
+    return out
+
+
+class ViewStack:
+    """Arrays [N, V_i, ...] side by side along the view axis, read without concatenating them.
+
+    A cell's train views are its plain and its augmented cache entries; their dense tokens ([N, V, M, D], ~17 GB
+    for ImageNet 16-shot on RN50) stay memory-mapped, and the training loop reads a step's rows (`read_pairs`).
+    Indexing with (rows, one view) reads that view's part; anything else concatenates what it selects.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [part.shape[1] for part in self.parts])
+        first = self.parts[0]
+        if any(part.shape[0] != first.shape[0] or part.shape[2:] != first.shape[2:] for part in self.parts):
+            raise ValueError(f"views of different images or shapes: {[part.shape for part in self.parts]}")
+        self.shape = (first.shape[0], int(self.offsets[-1]), *first.shape[2:])
+        self.dtype, self.ndim = first.dtype, first.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate(self.parts, axis=1)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def _part(self, view: int) -> tuple[np.ndarray, int]:
+        index = int(np.searchsorted(self.offsets, view % self.shape[1], side="right")) - 1
+        return self.parts[index], view % self.shape[1] - int(self.offsets[index])
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], (int, np.integer)):
+            part, view = self._part(int(key[1]))
+            return np.asarray(part[key[0], view])
+        return np.concatenate([np.asarray(part[key]) for part in self.parts], axis=1)
+
+    def take(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """`self[rows, views]`: each row's view, read from the part that holds it."""
+        out = np.empty((len(rows), *self.shape[2:]), dtype=self.dtype)
+        for part, low in zip(self.parts, self.offsets):
+            here = (views >= low) & (views < low + part.shape[1])
+            if here.any():
+                out[here] = read_pairs(part, rows[here], views[here] - low)
+        return out
+
+
 def backbone_key(model: str, pretrained: str | None, dense: str) -> dict:
     """What identifies a backbone's outputs in cache keys; a local weights file counts by path, size and mtime."""
     key = {"model": model, "pretrained": pretrained, "dense": dense}
@@ -97,11 +162,12 @@ def backbone_key(model: str, pretrained: str | None, dense: str) -> dict:
 
 @dataclass
 class FeatureSet:
-    """Features of a list of images: `image` [N, V, D], optional `dense` [N, V, M, D], `labels` [N]."""
+    """Features of a list of images: `image` [N, V, D], optional `dense` [N, V, M, D] (an array or a ViewStack of
+    memory-mapped entries), `labels` [N]."""
 
     image: np.ndarray
     labels: np.ndarray
-    dense: np.ndarray | None = None
+    dense: np.ndarray | ViewStack | None = None
     paths: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
