@@ -33,6 +33,7 @@ from clipadapt.config import ConfigError, check_options
     ("ship", "method.stage2=vt_clip", "method.stage2=vt_clip: use one of coop, clip_adapter, tip_adapter_f"),
     ("ship", "method.generator.activation=gelu", "method.generator.activation=gelu: use one of relu, leaky_relu"),
     ("ship", "+method.coop.train.optimizer=adam", "method.coop.train.optimizer=adam: use one of adamw, sgd"),
+    ("ship", "+method.train.optimizer=adam", "method.train.optimizer=adam: use one of adamw, sgd"),  # host override
 ])
 def test_a_method_option_outside_its_choices_or_bounds_fails_at_start(tiny_config, method, override, message):
     check_options(tiny_config(f"method={method}"))  # its defaults pass

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 def one_of(default: Any, *choices: Any) -> Any:
-    """A field that takes one of `choices` (None among them: may be null)."""
+    """A field that takes one of `choices` (list None among them where the field's type allows null: the error then
+    names it)."""
     return field(default=default, metadata={"choices": choices})
 
 
@@ -174,10 +175,10 @@ def _rule(schema: type, name: str) -> dict:
 
 def _violation(rule: dict, value: Any) -> str | None:
     """What `value` should have been under the field's rule, or None when it complies."""
+    if value is None:  # a null is for the field's type to allow (OmegaConf checked it): Optional[int] = None
+        return None
     if "choices" in rule and value not in rule["choices"]:
         return "use one of " + ", ".join("null" if choice is None else str(choice) for choice in rule["choices"])
-    if value is None:  # outside choices, a null is for the field's type to allow (OmegaConf checked it)
-        return None
     if "minimum" in rule and value < rule["minimum"]:
         return f"must be >= {rule['minimum']}"
     if "above" in rule and value <= rule["above"]:

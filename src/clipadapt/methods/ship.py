@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 
 HOSTS = ("coop", "clip_adapter", "tip_adapter_f")
 
-# method.train for SHIP: every key unset (None) takes the host's value, so `method.train.epochs=1` still works.
+# method.train for SHIP: every key unset (None) takes the host's value, so `method.train.epochs=1` still works; a set
+# key is checked against TrainSchema's choices and bounds.
 StageTwoTrainSchema = make_dataclass(
     "StageTwoTrainSchema",
-    [(f.name, Optional[typing.get_type_hints(TrainSchema)[f.name]], None) for f in fields(TrainSchema)],
+    [(f.name, Optional[typing.get_type_hints(TrainSchema)[f.name]], field(default=None, metadata=f.metadata))
+     for f in fields(TrainSchema)],
 )
 
 
