@@ -76,8 +76,7 @@ class Size:
     # The configured recipe (epochs and search) on these class counts: the benchmark's, at most 100 classes.
     grid_real_classes: tuple[int, ...] = tuple(min(c, 100) for c in BENCHMARK_CLASSES)
     grid_compare_stacking: bool = False  # stacked vs not, on CPU too (on CUDA always: stacking is its default)
-    # Tip-Adapter's alpha/beta search: tip_adapter.tune does a [val x cache] @ [cache x classes] matmul per beta,
-    # 200 betas: ~26 TFLOP per 1000-class 16-shot cell (minutes here): off, as said in the table.
+    # Tip-Adapter's alpha/beta search: off, as said in the table; its own cost is the search section's row.
     grid_search: bool = False
     overhead_repeats: int = 5
     overhead_cell: tuple[str, ...] = ("dataset.images_per_class=40", "shots=16")  # 10 classes (synthetic's default)
