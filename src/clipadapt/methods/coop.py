@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, MethodSchema, TrainSchema, register_method
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class CoOpSchema(MethodSchema):
     ctx_init: str = ""  # "": random context; words (e.g. "a photo of a"): their embeddings, and n_ctx = their tokens
     init_std: float = 0.02
     epochs_by_shots: dict[int, int] = field(default_factory=lambda: {1: 50, 2: 100, 4: 100, 8: 200, 16: 200})
-    precision: str = "bf16"  # text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
+    precision: str = one_of("bf16", *PRECISIONS)  # text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
     train: CoOpTrainSchema = field(default_factory=CoOpTrainSchema)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipadapt.config import one_of
 from clipadapt.features import FeatureSet
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
 from clipadapt.methods.calip import terms_over
@@ -42,13 +43,13 @@ class VTClipSearchSchema:
 class VTClipSchema(MethodSchema):
     fidelity: str = "reconstructed"
     alpha: float = 0.5  # residual ratio: the share of the visual-guided text in the blend
-    residual_mode: str = "convex"  # convex: (1 - alpha) t + alpha s^ | additive: t + alpha s^
+    residual_mode: str = one_of("convex", *RESIDUAL_MODES)  # convex: (1 - alpha) t + alpha s^ | additive: t + alpha s^
     alpha_learnable: bool = False
     heads: int = 8
     layers: int = 1
     ffn_ratio: int = 4  # 1 saves memory on ImageNet
     dropout: float = 0.1
-    norm: str = "post"  # post (the original Transformer's Add & Norm) | pre
+    norm: str = one_of("post", *NORMS)  # post (the original Transformer's Add & Norm) | pre
     include_global: bool = False  # the global feature as one more key/value token
     zs_logit_weight: float = 0.0  # lambda: adds lambda * 100 <g, t_k> to the logits
     chunk_size: int = 0  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
