@@ -537,10 +537,10 @@ def bench_grid(size: Size, args, workdir: Path) -> list[Row]:
     env = env_for(workdir)
     overrides, recipe = [], []  # the reduced recipe of the first rows
     if size.grid_epochs is not None:
-        overrides.append(f"++method.train.epochs={size.grid_epochs}")
+        overrides.append(f"method.train.epochs={size.grid_epochs}")
         recipe.append(f"train.epochs={size.grid_epochs}")
     if not size.grid_search:
-        overrides.append("++method.search.enabled=false")
+        overrides.append("method.search.enabled=false")
         recipe.append("no alpha/beta search")
     grid = Grid(size, args, size.grid_classes, write_feature_files(size, size.grid_classes, workdir / "features"),
                 tuple(overrides), ", ".join(recipe) or configured_recipe(), env)

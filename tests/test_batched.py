@@ -181,7 +181,7 @@ def test_stack_groups_keep_padding_waste_bounded(monkeypatch):
 
 
 def test_run_cells_write_the_metrics_of_solo_runs(tiny_config, tmp_path):
-    cfgs = [tiny_config("method=tip_adapter_f", f"shots={shots}", f"seed={seed}", "++method.train.epochs=2")
+    cfgs = [tiny_config("method=tip_adapter_f", f"shots={shots}", f"seed={seed}", "method.train.epochs=2")
             for shots, seed in [(1, 1), (2, 1), (2, 2)]]
     solo = [run(cfg, tmp_path / f"solo{i}") for i, cfg in enumerate(cfgs)]
     together = run_cells(cfgs, [tmp_path / f"batch{i}" for i in range(len(cfgs))], stack=True)

@@ -219,7 +219,7 @@ def test_packaged_concepts_hold_no_benchmark_class_name(shared_splits):
 
 
 def test_cell_end_to_end(tiny_config, tmp_path):
-    metrics = run(tiny_config("method=ccli", "shots=1", "method.concepts.num=100", "++method.train.epochs=2"), tmp_path)
+    metrics = run(tiny_config("method=ccli", "shots=1", "method.concepts.num=100", "method.train.epochs=2"), tmp_path)
     assert metrics["protocol"]["method_fidelity"] == "reconstructed"
     assert len(metrics["train/loss_history"]) == 2 and 0 <= metrics["test/acc"] <= 100
     chosen = metrics["chosen"]

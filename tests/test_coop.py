@@ -74,7 +74,7 @@ def test_gradients_reach_only_the_context(tiny_config):
 
 
 def test_training_moves_the_context_and_retarget_keeps_it(tiny_config):
-    cfg = tiny_config("method=coop", "shots=2", "method.train.epochs=2", "++method.train.lr=0.5")
+    cfg = tiny_config("method=coop", "shots=2", "method.train.epochs=2", "method.train.lr=0.5")
     task, data = make_task(cfg)
     coop = build_method(cfg.method, task)
     start = coop.ctx.detach().clone()

@@ -22,10 +22,10 @@ from clipadapt.methods.base import method_config
 from clipadapt.run import few_shot_task, image_task_data, no_features, run
 from conftest import TINY, compose_config
 
-QUICK = ["shots=2", "++method.train.epochs=1"]
-SHORT_SEARCH = {"linear_probe": ["++method.c_grid=[0.1,10.0]", "++method.c_refine_steps=1", "++method.max_iter=100"],
-                "calip": ["++method.search.steps=5"], "calip_fs": ["++method.search.steps=5"],
-                "ship": ["protocol.task=base_to_new", "++method.generator.train.epochs=1"]}  # label-only classes
+QUICK = ["shots=2", "method.train.epochs=1"]
+SHORT_SEARCH = {"linear_probe": ["method.c_grid=[0.1,10.0]", "method.c_refine_steps=1", "method.max_iter=100"],
+                "calip": ["method.search.steps=5"], "calip_fs": ["method.search.steps=5"],
+                "ship": ["protocol.task=base_to_new", "method.generator.train.epochs=1"]}  # label-only classes
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -97,8 +97,8 @@ def test_evaluate_scores_another_dataset_retargeted(tmp_path, capsys):
 
 def test_ship_moved_to_another_dataset_is_re_evaluated_exactly(tmp_path):
     """SHIP without label-only classes trains its generator when retargeted, on the draw (seeded): evaluate too."""
-    cfg = compose_config([*TINY, "method=ship", *QUICK, "++method.generator.train.epochs=1",
-                          "++method.transfer.per_class=2", "protocol.task=cross_dataset", "protocol.targets=[dtd]",
+    cfg = compose_config([*TINY, "method=ship", *QUICK, "method.generator.train.epochs=1",
+                          "method.transfer.per_class=2", "protocol.task=cross_dataset", "protocol.targets=[dtd]",
                           "save_logits=true"], tmp_path)
     trees.build(Path(cfg.paths.data_root), "dtd")
     run(cfg, tmp_path / "run")
@@ -131,7 +131,7 @@ def test_a_folder_without_a_saved_state_exits_2_in_one_line(tiny_config, tmp_pat
 
 def test_rtos_keeps_its_anchors_when_the_vocabulary_differs_at_evaluation(tiny_config, tmp_path):
     """Scored on another dataset, RTOS's pool leaves that dataset's classes out: the saved anchors must come back."""
-    cfg = tiny_config("method=rtos", *QUICK, "++method.anchors.num=50")
+    cfg = tiny_config("method=rtos", *QUICK, "method.anchors.num=50")
     plan = protocols.setup(cfg, image_task_data(cfg, False, torch.device("cpu")))
     task = few_shot_task(cfg, plan, torch.device("cpu"))
     method = build_method(cfg.method, task)

@@ -158,7 +158,7 @@ def test_a_bad_option_is_one_line_naming_the_valid_ones(session_root, tmp_path):
     ("device=gpu", "device=gpu: use auto, cpu, cuda or cuda:N"),
     ("logger.mode=online_only", "logger.mode=online_only: use one of null, online, offline, disabled"),
     ("backbone.dense=mean", "backbone.dense=mean: use one of attention, value"),
-    ("+method.train.warmup_type=cubic", "method.train.warmup_type=cubic: use one of constant, linear"),  # a method's
+    ("method.train.warmup_type=cubic", "method.train.warmup_type=cubic: use one of constant, linear"),  # a method's
 ])
 def test_every_enumerated_or_bounded_option_is_checked(tiny_config, override, message):
     check_options(tiny_config("method=zero_shot"))  # the defaults pass

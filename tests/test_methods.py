@@ -42,7 +42,7 @@ def make_task(cfg, needs_dense: bool) -> tuple[FewShotTask, object]:
 @pytest.mark.parametrize("config_name", METHOD_FILES)
 @pytest.mark.parametrize("backbone", ["tiny", "tiny_rn"])
 def test_method_builds_trains_and_evaluates(tiny_config, config_name, backbone):
-    cfg = tiny_config(f"method={config_name}", f"backbone={backbone}", "shots=2", "++method.train.epochs=1")
+    cfg = tiny_config(f"method={config_name}", f"backbone={backbone}", "shots=2", "method.train.epochs=1")
     needs_dense = METHODS[method_config(cfg.method).name].needs_dense
     task, data = make_task(cfg, needs_dense)
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from clipadapt.config import ConfigError, check_options
     # CoOp's train schema only changes the default (sgd): the rule is TrainSchema's
     ("coop", "method.train.optimizer=adam", "method.train.optimizer=adam: use one of adamw, sgd"),
     ("coop", "method.train.schedule=linear", "method.train.schedule=linear: use one of cosine, constant"),
-    ("coop", "+method.train.views=all", "method.train.views=all: use one of augment, plain"),  # +: not in its yaml
+    ("coop", "method.train.views=all", "method.train.views=all: use one of augment, plain"),
     ("coop", "method.train.warmup_epochs=-1", "method.train.warmup_epochs=-1: must be >= 0"),
     ("clip_adapter", "method.train.lr=0", "method.train.lr=0.0: must be > 0"),
     ("clip_adapter", "method.train.batch_size=0", "method.train.batch_size=0: must be >= 1"),
@@ -32,12 +32,12 @@ from clipadapt.config import ConfigError, check_options
     ("rtos", "method.precision=fp16", "method.precision=fp16: use one of fp32, bf16"),
     ("vt_clip", "method.norm=mid", "method.norm=mid: use one of post, pre"),
     ("vt_clip", "method.residual_mode=sum", "method.residual_mode=sum: use one of convex, additive"),
-    ("coop", "+method.precision=fp8", "method.precision=fp8: use one of fp32, bf16"),
+    ("coop", "method.precision=fp8", "method.precision=fp8: use one of fp32, bf16"),
     ("clip_adapter", "method.reduction=0", "method.reduction=0: must be >= 1"),
     ("ship", "method.stage2=vt_clip", "method.stage2=vt_clip: use one of coop, clip_adapter, tip_adapter_f"),
     ("ship", "method.generator.activation=gelu", "method.generator.activation=gelu: use one of relu, leaky_relu"),
-    ("ship", "+method.coop.train.optimizer=adam", "method.coop.train.optimizer=adam: use one of adamw, sgd"),
-    ("ship", "+method.train.optimizer=adam", "method.train.optimizer=adam: use one of adamw, sgd"),  # host override
+    ("ship", "method.coop.train.optimizer=adam", "method.coop.train.optimizer=adam: use one of adamw, sgd"),
+    ("ship", "method.train.optimizer=adam", "method.train.optimizer=adam: use one of adamw, sgd"),  # host override
 ])
 def test_a_method_option_outside_its_choices_or_bounds_fails_at_start(tiny_config, method, override, message):
     check_options(tiny_config(f"method={method}"))  # its defaults pass

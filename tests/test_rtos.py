@@ -218,7 +218,7 @@ def test_features_file_has_no_text_tower(backbone, tmp_path):
 
 @pytest.mark.parametrize("method", ["rtos", "rtos_zs"])
 def test_cell_end_to_end(tiny_config, tmp_path, method):
-    cfg = tiny_config(f"method={method}", "shots=1", "method.anchors.num=24", "++method.train.epochs=1")
+    cfg = tiny_config(f"method={method}", "shots=1", "method.anchors.num=24", "method.train.epochs=1")
     metrics = run(cfg, tmp_path)
     assert metrics["protocol"]["method_fidelity"] == "reconstructed"
     assert metrics["chosen"]["num_anchors"] == 24 and "alpha" in metrics["chosen"]

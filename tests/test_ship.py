@@ -104,7 +104,7 @@ def test_gradients_reach_only_the_learnable_parts(tiny_config, b2n):
 @pytest.mark.parametrize("host", HOSTS)
 def test_without_synthesized_features_stage2_is_the_plain_method(tiny_config, host, b2n):
     task, plan = b2n
-    method_cfg = ship_config(tiny_config, f"method.stage2={host}", "method.synth.ratio=0", "++method.synth.keys_per_class=0")
+    method_cfg = ship_config(tiny_config, f"method.stage2={host}", "method.synth.ratio=0", "method.synth.keys_per_class=0")
     torch.manual_seed(0)
     ship = build_method(method_cfg, task)
     ship.setup()
@@ -151,7 +151,7 @@ def test_stage2_with_synthesized_features_and_base_then_new_columns(tiny_config,
 
 def test_bank_draws_come_from_the_bank(tiny_config, b2n):
     task, _ = b2n
-    method_cfg = ship_config(tiny_config, "method.stage2=clip_adapter", "++method.synth.bank_per_class=3")
+    method_cfg = ship_config(tiny_config, "method.stage2=clip_adapter", "method.synth.bank_per_class=3")
     ship = build_method(method_cfg, task)
     ship.setup()
     assert ship.bank.shape == (len(task.new_classnames), 3, task.text.shape[1])
@@ -165,8 +165,8 @@ def test_cross_dataset_refits_the_host_on_synthesized_target_features(tiny_confi
     # generator on the source draw and re-fits CoOp on features synthesized for the targets, each from the source state.
     base_to_new, plan = b2n
     task = replace(base_to_new, new_classnames=[], new_text=None)
-    method_cfg = tiny_config("method=ship", "shots=2", *FAST, "++method.transfer.per_class=2",
-                             "++method.transfer.views=2").method
+    method_cfg = tiny_config("method=ship", "shots=2", *FAST, "method.transfer.per_class=2",
+                             "method.transfer.views=2").method
     with caplog.at_level(logging.WARNING, logger="clipadapt.methods.ship"):
         ship = build_method(method_cfg, task)
     assert ship.generator is None and "no label-only classes" in caplog.text
@@ -227,7 +227,7 @@ def assert_precisions_agree(tiny_config, device: torch.device) -> None:
     losses = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        ship = build_method(tiny_config("method=ship", *FAST, f"++method.generator.precision={precision}").method, task)
+        ship = build_method(tiny_config("method=ship", *FAST, f"method.generator.precision={precision}").method, task)
         torch.manual_seed(1)  # the same reparameterisation noise
         with torch.no_grad():
             losses[precision] = float(ship.generator.loss(Batch(image=images[:, 0].to(device)), torch.tensor([0, 1] * 4, device=device)))

@@ -28,7 +28,7 @@ def imagenet_run(root, method: str, *overrides: str) -> dict:
 
 
 def test_tip_adapter_on_imagenet_uses_the_seven_template_ensemble(imagenet_root):
-    metrics = imagenet_run(imagenet_root, "tip_adapter", "++method.search.enabled=false")
+    metrics = imagenet_run(imagenet_root, "tip_adapter", "method.search.enabled=false")
     assert metrics["protocol"]["templates"] == ENSEMBLE and metrics["protocol"]["template_set"] == "ensemble"
     assert metrics["method_config"]["template_set"] == "ensemble"
 

@@ -29,7 +29,7 @@ def test_offline_wandb_run_beside_the_metrics(tiny_config, tmp_path, monkeypatch
         return real_init(**kwargs)
 
     monkeypatch.setattr(wandb, "init", spy)
-    metrics = run(tiny_config("logger=wandb", "method=tip_adapter_f", "shots=1", "++method.train.epochs=2"), tmp_path)
+    metrics = run(tiny_config("logger=wandb", "method=tip_adapter_f", "shots=1", "method.train.epochs=2"), tmp_path)
     assert seen["mode"] == "offline"
     assert seen["name"] == metrics["run_name"] == "tip_adapter_f-synthetic-1s-tiny-s1"
     assert seen["group"] == "tip_adapter_f-tiny" and "shots=1" in seen["tags"]
@@ -50,7 +50,7 @@ def test_wandb_failure_keeps_the_local_result(tiny_config, tmp_path, monkeypatch
         monkeypatch.setattr(wandb, "init", fail)
     else:
         monkeypatch.setattr("clipadapt.wandb_logger.WandbLogger.log", fail)
-    metrics = run(tiny_config("logger=wandb", "method=tip_adapter_f", "shots=1", "++method.train.epochs=1"), tmp_path)
+    metrics = run(tiny_config("logger=wandb", "method=tip_adapter_f", "shots=1", "method.train.epochs=1"), tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
 
 

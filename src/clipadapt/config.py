@@ -1,9 +1,10 @@
 """Structured-config schemas: a misspelt key or a wrong type fails when Hydra composes the config, and a value
 outside an option's choices or bounds fails at start (`check_options`), in one line naming what is allowed.
 
-The primary config (conf/config.yaml) extends `RunSchema`; each method validates its own node against the
-`Config` dataclass of its registered class (see methods/base.py), so adding a method needs no change here. The
-choices and bounds sit on the fields themselves (`one_of`, `at_least`, `matching`), for method schemas as well.
+The primary config (conf/config.yaml) extends `RunSchema`; each conf/method/<name>.yaml extends its method's
+`Config` dataclass (clipadapt/method_schemas.py, stored here under its class name), so every method option shows in
+`--cfg job` with its default. The choices and bounds sit on the fields themselves (`one_of`, `at_least`, `matching`),
+for method schemas as well.
 """
 
 from __future__ import annotations
@@ -138,13 +139,20 @@ def file_stem(path: Optional[str]) -> str:
 
 
 def register_schemas() -> None:
-    """The run schema that conf/config.yaml extends (its groups are typed through it, so no group holds a schema
-    of its own that `--help` would offer as a choice), and the resolvers the config uses."""
+    """The run schema that conf/config.yaml extends and each method's schema, by class name, that its method file
+    extends (`- /CoOpSchema@_here_`): stored outside every group, so `--help` offers none of them as a choice; and
+    the resolvers the config uses."""
+    from clipadapt import method_schemas  # imported here: it declares its fields with this module's one_of, at_least
+
     OmegaConf.register_new_resolver("file_stem", file_stem, replace=True)
     OmegaConf.register_new_resolver("clipadapt.task_suffix", task_suffix, replace=True)
     OmegaConf.register_new_resolver("clipadapt.settings_suffix", settings_suffix, replace=True)
     OmegaConf.register_new_resolver("clipadapt.new_dir", new_dir, replace=True, use_cache=True)
-    ConfigStore.instance().store(name="run_schema", node=RunSchema)
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunSchema)
+    for schema in vars(method_schemas).values():
+        if isinstance(schema, type) and issubclass(schema, method_schemas.MethodSchema):
+            store.store(name=schema.__name__, node=schema)
 
 
 # ------------------------------------------------------------------------------------------ choices and bounds

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from clipadapt.features import Batch, FeatureSet, read_pairs, read_rows, to_tensor, unit_rows
+from clipadapt.method_schemas import SCHEDULE_UNITS, WARMUP_TYPES
 from clipadapt.optim import FusedAdamW, FusedSGD
 from clipadapt.progress import progress
 
@@ -39,10 +40,6 @@ def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
     if fused:
         return FUSED_OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, **extra)
     return OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, **extra)
-
-
-SCHEDULE_UNITS = ("step", "epoch")
-WARMUP_TYPES = ("constant", "linear")
 
 
 def _check_option(train, name: str, allowed: tuple[str, ...]) -> None:

@@ -9,46 +9,17 @@ on the few-shot val draw only) cover closed-form fits and hyperparameter searche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from clipadapt.config import above, at_least, one_of
-from clipadapt.engine import OPTIMIZERS, SCHEDULE_UNITS, WARMUP_TYPES
 from clipadapt.features import Batch, FeatureSet, to_tensor
+from clipadapt.method_schemas import MethodSchema
 
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) for the OpenAI models; every method uses it for zero-shot terms
-
-
-@dataclass
-class TrainSchema:
-    epochs: int = at_least(0, 0)  # 0: training-free
-    batch_size: int = at_least(256, 1)
-    optimizer: str = one_of("adamw", *OPTIMIZERS)
-    lr: float = above(1e-3, 0)
-    weight_decay: float = at_least(0.0, 0)
-    momentum: float = 0.9  # sgd
-    eps: float = 1e-8  # adamw
-    schedule: str = one_of("cosine", "cosine", "constant")
-    schedule_unit: str = one_of("step", *SCHEDULE_UNITS)  # step: every step | epoch: after each epoch (Dassl's)
-    warmup_epochs: int = at_least(0, 0)
-    warmup_type: str = one_of("constant", *WARMUP_TYPES)  # constant: at warmup_lr (Dassl's) | linear: up to lr
-    warmup_lr: float = 1e-5
-    drop_last: bool = False  # leave out the last partial batch when the draw holds a full one (Dassl's train loader)
-    views: str = one_of("augment", "augment", "plain")  # the cached train views the loop samples from
-
-
-@dataclass
-class MethodSchema:
-    name: str = MISSING
-    fidelity: str = "as published"  # "reconstructed" where the paper's text or code was not available
-    # the class prompts: null = the dataset's default (CoOp's single template); a name picks dataset.template_sets[name]
-    # (conf/dataset_method/imagenet_tip_adapter.yaml: ensemble, as Tip-Adapter's and CALIP's ImageNet code)
-    template_set: Optional[str] = None
-    train: TrainSchema = field(default_factory=TrainSchema)
 
 
 @dataclass

@@ -33,62 +33,17 @@ values, and the batched form above holds unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
 from clipadapt.engine import to_batch
 from clipadapt.features import FeatureSet
-from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import BETA_SOURCES, POOLS, PROJ_TYPES, CalipFSSchema, CalipSchema
+from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, register_method
 
-POOLS = ("mean+max", "mean", "max")
-BETA_SOURCES = ("search", "paper")
-PROJ_TYPES = ("linear_identity", "mlp_bottleneck128")
 CHUNK_FLOATS = 1 << 24  # 64 MB of float32: the default bound on each per-chunk tensor (memory on big test sets)
-
-
-@dataclass
-class CalipSearchSchema:
-    # The spec's cheap grid (41 x 41 over [0, 7] x [0, 0.2], zero-shot CLIP included); the official grid is 200 x 200
-    # over [0.001, beta_max) with per-dataset maxima (ImageNet: 2.0, 0.1).
-    beta2_max: float = 7.0
-    beta3_max: float = 0.2
-    steps: int = 41
-
-
-@dataclass
-class CalipSchema(MethodSchema):
-    beta2: float = 1.12  # f.T~ weight; the paper's per-dataset values come from conf/dataset_method (ImageNet's here)
-    beta3: float = 0.02  # v.T weight (v sums two averages of text vectors: hence ~100x smaller)
-    # search: (beta2, beta3) searched where the protocol allows | paper: as configured
-    beta_source: str = one_of("search", *BETA_SOURCES)
-    # the configured beta2/beta3 are the paper's (searched on test by its authors: runs using them are flagged leaky);
-    # false when you configure betas of your own
-    betas_test_tuned: bool = True
-    attn_scale_text: float = 2.0  # tau of the softmax over locations (visual-guided texts); official: times 2
-    attn_scale_visual: float = 2.0  # tau of the softmax over classes (text-blended locations)
-    pool: str = one_of("mean+max", *POOLS)  # mean+max (official: the two summed) | mean | max
-    renorm: bool = False  # re-normalise T~ and v before the logits (SuS-X's variant; not the official code)
-    chunk_size: int = 0  # images per chunk of the attention; 0: each [chunk, M, max(K, D)] tensor under 2^24 floats
-    search: CalipSearchSchema = field(default_factory=CalipSearchSchema)
-
-
-@dataclass
-class CalipFSSchema(CalipSchema):
-    fidelity: str = "reconstructed"
-    beta_source: str = "paper"  # trained with fixed betas: the dataset's zero-shot values
-    # linear_identity (our reading) | mlp_bottleneck128 (the unofficial reimplementation)
-    proj_type: str = one_of("linear_identity", *PROJ_TYPES)
-    shared_proj: bool = True  # one phi for both modalities (false: one per modality)
-    # The unofficial reimplementation's recipe ("stick to paper", a Dassl trainer on CoOp's config): SGD lr 2e-3 with
-    # Dassl's momentum 0.9 and weight decay 5e-4, 200 epochs, batch 32, one constant warm-up epoch, cosine stepped
-    # per epoch, the last partial batch dropped.
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=200, batch_size=32, optimizer="sgd", lr=2e-3, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-        schedule_unit="epoch", warmup_epochs=1, warmup_type="constant", warmup_lr=1e-5, drop_last=True))
 
 
 def terms_over(method: Method, features: FeatureSet, batch_size: int = 1024) -> list[torch.Tensor]:

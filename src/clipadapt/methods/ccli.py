@@ -27,73 +27,20 @@ one concept -> V, L are the train features and one-hot labels and the logits are
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
 from clipadapt.features import unit_rows
-from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import CCLISchema, ConceptSchema
+from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, register_method
 from clipadapt.methods.tip_adapter import exp_affinity
 from clipadapt.vocab import normalise, read_words, unique
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ConceptSchema:
-    file: Optional[str] = None  # null: the packaged clipadapt/vocab/visual_attributes.txt
-    templates: list[str] = field(default_factory=lambda: ["a photo of {}."])  # several: features averaged
-    num: int = 2000  # M (fewer when the list is shorter)
-    seed: int = 0  # the permutation that draws M entries from a longer list
-    exclude_targets: bool = True
-
-
-@dataclass
-class CCLISearchSchema:
-    enabled: bool = True
-    alpha_min: float = 0.0
-    alpha_max: float = 5.0
-    alpha_steps: int = 20
-    beta_min: float = 0.1
-    beta_max: float = 10.0
-    beta_steps: int = 20  # log-spaced
-    gammas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0])
-
-
-@dataclass
-class CCLISchema(MethodSchema):
-    fidelity: str = "reconstructed"
-    concepts: ConceptSchema = field(default_factory=ConceptSchema)
-    # global: one averaged feature per train image | views: every augmented view
-    concept_pool: str = one_of("global", "global", "views")
-    # softmax: over concepts per pool item (distinctiveness) | raw: affinity
-    selection_score: str = one_of("softmax", "softmax", "raw")
-    topk: Optional[int] = None  # K; null: 8 at >= 4 shots, else the shots (x views with concept_pool=views)
-    # weighted | mean: one key per concept (variant A) | none: one key per item (B)
-    aggregate: str = one_of("weighted", "weighted", "mean", "none")
-    dedup: bool = True  # drop concepts whose support set repeats an earlier one
-    keep_top_concepts: Optional[int] = None  # keep only the most distinctive M_keep concepts
-    use_text_concepts: bool = True
-    text_init: str = one_of("zero", "zero", "class_similarity")  # class_similarity: 0.1 T W^T
-    head: str = one_of("linear", "linear", "mlp")
-    mlp_hidden: int = 512
-    dropout: float = 0.5
-    freeze_concepts: bool = False  # keep the visual-concept keys V at their learned-from-images values
-    use_tip_cache: bool = False  # add Tip-Adapter's plain cache term (an ablation, off by default)
-    tip_weight: float = 1.0
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
-    label_smoothing: float = 0.0
-    l1_text_weights: float = 0.0  # L1 on U (sum over entries), for sparse concept->class evidence
-    search: CCLISearchSchema = field(default_factory=CCLISearchSchema)
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=20, batch_size=256, optimizer="adamw", lr=1e-3, eps=1e-4, weight_decay=0.0, schedule="cosine"))
 
 
 @dataclass

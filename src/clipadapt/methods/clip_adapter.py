@@ -8,22 +8,12 @@ the last partial batch dropped when the draw holds a full one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import at_least
-from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
-
-
-@dataclass
-class ClipAdapterSchema(MethodSchema):
-    reduction: int = at_least(4, 1)
-    ratio: float = 0.2  # share of the adapted feature in the blend
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=200, batch_size=32, optimizer="sgd", lr=2e-3, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-        schedule_unit="epoch", warmup_epochs=1, warmup_type="constant", warmup_lr=1e-5, drop_last=True))
+from clipadapt.method_schemas import ClipAdapterSchema
+from clipadapt.methods.base import Batch, Method, register_method
 
 
 @register_method("clip_adapter")

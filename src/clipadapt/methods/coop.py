@@ -14,20 +14,16 @@ and no image is encoded during training.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
-from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import PRECISIONS, CoOpSchema
+from clipadapt.methods.base import LOGIT_SCALE, Batch, FewShotTask, Method, register_method
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def encode_prompts(encoder: nn.Module, sequences: torch.Tensor, ids: torch.Tensor, precision: str) -> torch.Tensor:
@@ -89,31 +85,6 @@ def epochs_for_shots(epochs_by_shots: dict, shots: int) -> int:
 def shots_of(task: FewShotTask) -> int:
     """K of the draw: every class with at least K train images contributes exactly K of them."""
     return int(np.bincount(np.asarray(task.train.labels)).max()) if len(task.train) else 0
-
-
-@dataclass
-class CoOpTrainSchema(TrainSchema):
-    epochs: Optional[int] = None  # None: epochs_by_shots at the draw's shots (ImageNet: set 50)
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    schedule_unit: str = "epoch"  # Dassl steps the lr after each epoch
-    warmup_epochs: int = 1  # constant warm-up at warmup_lr, as CoOp's
-    warmup_lr: float = 1e-5
-    drop_last: bool = True  # Dassl's train loader
-
-
-@dataclass
-class CoOpSchema(MethodSchema):
-    n_ctx: int = 16
-    ctx_init: str = ""  # "": random context; words (e.g. "a photo of a"): their embeddings, and n_ctx = their tokens
-    init_std: float = 0.02
-    epochs_by_shots: dict[int, int] = field(default_factory=lambda: {1: 50, 2: 100, 4: 100, 8: 200, 16: 200})
-    precision: str = one_of("bf16", *PRECISIONS)  # text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
-    train: CoOpTrainSchema = field(default_factory=CoOpTrainSchema)
 
 
 @register_method("coop")

@@ -9,24 +9,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from clipadapt.methods.base import Batch, Method, MethodSchema, register_method
-
-LPCLIP_GRID = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]  # lpclip's search_list, in its order (ties: the first)
-
-
-@dataclass
-class LinearProbeSchema(MethodSchema):
-    c_grid: list[float] = field(default_factory=lambda: list(LPCLIP_GRID))
-    c_refine_steps: int = 8  # lpclip's --num_step: bisection steps after the grid
-    c: float = 0.316  # used when there is no val draw to search on
-    max_iter: int = 1000
+from clipadapt.method_schemas import LinearProbeSchema
+from clipadapt.methods.base import Batch, Method, register_method
 
 
 def lpclip_search(score: Callable[[float], float], grid: Sequence[float], steps: int) -> tuple[float, float]:

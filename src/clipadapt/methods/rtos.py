@@ -31,86 +31,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
 from clipadapt.features import unit_rows
-from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import PRECISIONS, AnchorSchema, RTOSSchema, RTOSZeroShotSchema
+from clipadapt.methods.base import Batch, Method, register_method
 from clipadapt.vocab import dataset_classnames, read_words, shipped_datasets, unique
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
 RANDOM_PLACEHOLDER = "x"  # one BPE token whose embedding a random anchor token replaces
-
-
-@dataclass
-class AnchorSchema:
-    sources: list[str] = field(default_factory=lambda: ["cross_dataset", "words"])  # cross_dataset | words
-    words_file: Optional[str] = None  # null: the packaged clipadapt/vocab/open_concepts.txt
-    datasets: Optional[list[str]] = None  # cross_dataset: whose shipped class lists; null: all 11 benchmarks
-    num: int = 1000  # M (fewer when the pool is smaller)
-    seed: int = 0  # the permutation that draws M names from the pool
-    # names: the words' token embeddings | random: one N(0, init_std^2) token per anchor
-    init: str = one_of("names", "names", "random")
-    init_std: float = 0.02
-    template: str = "a photo of a {}."
-    learnable: bool = True
-    lr: float = 2e-3  # the anchor tokens' learning rate (train.lr is the RTM's)
-    exclude_targets: bool = True  # keep every class of the evaluated datasets out (false: an ablation, leaky)
-
-
-@dataclass
-class RelationSchema:
-    # softmax_anchor: softmax over anchors of cos / tau_r | raw_cosine
-    mode: str = one_of("softmax_anchor", "softmax_anchor", "raw_cosine")
-    tau_r: float = 0.01
-
-
-@dataclass
-class RTMSchema:
-    heads: int = 1
-    d_h: Optional[int] = None  # null: the embedding width D
-    init: str = one_of("identity", "identity", "xavier")
-    learnable: bool = True  # false: W_q, W_k stay at their initialisation
-    tau_a: float = 0.01
-    layernorm: bool = False
-    output: str = one_of("scaled", "scaled", "log")  # scaled: s_rt * O | log: log(O + 1e-8)
-    s_rt: float = 100.0
-
-
-@dataclass
-class AlphaSearchSchema:
-    enabled: bool = True
-    alpha_min: float = 0.0  # 0 lets the val draw fall back to zero-shot CLIP
-    alpha_max: float = 4.0
-    steps: int = 41
-
-
-@dataclass
-class RTOSSchema(MethodSchema):
-    fidelity: str = "reconstructed"
-    alpha: float = 1.0  # fusion weight of the relation-transition logits
-    anchors: AnchorSchema = field(default_factory=AnchorSchema)
-    relation: RelationSchema = field(default_factory=RelationSchema)
-    rtm: RTMSchema = field(default_factory=RTMSchema)
-    search: AlphaSearchSchema = field(default_factory=AlphaSearchSchema)
-    # the text tower under bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
-    precision: str = one_of("bf16", *PRECISIONS)
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=20, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine"))
-
-
-@dataclass
-class RTOSZeroShotSchema(RTOSSchema):
-    anchors: AnchorSchema = field(default_factory=lambda: AnchorSchema(learnable=False))
-    rtm: RTMSchema = field(default_factory=lambda: RTMSchema(learnable=False))
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(epochs=0))
 
 
 def cross_dataset_names(datasets: list[str] | None, evaluated_datasets: list[str]) -> list[str]:

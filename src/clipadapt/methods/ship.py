@@ -24,70 +24,21 @@ Honest protocol: the generator is the last one (the official script runs stage 2
 from __future__ import annotations
 
 import logging
-import typing
-from dataclasses import dataclass, field, fields, make_dataclass, replace
-from typing import Optional
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from clipadapt.config import one_of
 from clipadapt.engine import fit
 from clipadapt.features import FeatureSet
-from clipadapt.methods.base import METHODS, Batch, Method, MethodSchema, TrainSchema, register_method
-from clipadapt.methods.clip_adapter import ClipAdapterSchema
-from clipadapt.methods.coop import CoOpSchema, CoOpTrainSchema, shots_of
-from clipadapt.methods.ship_generator import GeneratorSchema, PromptGenerator
-from clipadapt.methods.tip_adapter import TipAdapter, TipAdapterFSchema, TipSearchSchema
+from clipadapt.method_schemas import HOSTS, ShipSchema
+from clipadapt.methods.base import METHODS, Batch, Method, register_method
+from clipadapt.methods.coop import shots_of
+from clipadapt.methods.ship_generator import PromptGenerator
+from clipadapt.methods.tip_adapter import TipAdapter
 
 log = logging.getLogger(__name__)
-
-HOSTS = ("coop", "clip_adapter", "tip_adapter_f")
-
-# method.train for SHIP: every key unset (None) takes the host's value, so `method.train.epochs=1` still works; a set
-# key is checked against TrainSchema's choices and bounds.
-StageTwoTrainSchema = make_dataclass(
-    "StageTwoTrainSchema",
-    [(f.name, Optional[typing.get_type_hints(TrainSchema)[f.name]], field(default=None, metadata=f.metadata))
-     for f in fields(TrainSchema)],
-)
-
-
-@dataclass
-class SynthSchema:
-    ratio: float = 1.0  # synthesized new-class features per real feature in each stage-2 step (0: none)
-    bank_per_class: Optional[int] = None  # 0: fresh every step (the code); None: 0 for coop, 128 for the adapters
-    keys_per_class: Optional[int] = None  # tip_adapter_f: synthesized cache keys per new class; None: the draw's shots
-    chunk: int = 1024  # prompts per text-tower pass when synthesizing many
-
-
-@dataclass
-class TransferSchema:
-    per_class: int = 16  # synthesized features per target class to re-fit on (0: plain host transfer)
-    views: int = 10  # draws per synthesized row: one is picked per epoch, as cached augmented views are
-
-
-def _ship_coop() -> CoOpSchema:
-    # main_coop_vae.py's own loop, not Dassl's: CosineAnnealingLR over epochs x iterations, stepped per iteration,
-    # and its loader keeps the last partial batch (drop_last=False)
-    return CoOpSchema(name="coop", n_ctx=4, ctx_init="a photo of a", train=CoOpTrainSchema(
-        epochs=200, batch_size=256, optimizer="sgd", lr=2e-3, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
-        schedule_unit="step", drop_last=False))
-
-
-@dataclass
-class ShipSchema(MethodSchema):
-    fidelity: str = "as published (stage2=coop, the released code); reconstructed (clip_adapter, tip_adapter_f)"
-    stage2: str = one_of("coop", *HOSTS)  # the host method
-    generator: GeneratorSchema = field(default_factory=GeneratorSchema)
-    synth: SynthSchema = field(default_factory=SynthSchema)
-    transfer: TransferSchema = field(default_factory=TransferSchema)
-    coop: CoOpSchema = field(default_factory=_ship_coop)
-    clip_adapter: ClipAdapterSchema = field(default_factory=lambda: ClipAdapterSchema(name="clip_adapter"))
-    tip_adapter_f: TipAdapterFSchema = field(default_factory=lambda: TipAdapterFSchema(
-        name="tip_adapter_f", search=TipSearchSchema(enabled=False)))
-    train: StageTwoTrainSchema = field(default_factory=StageTwoTrainSchema)  # overrides of the host's train
 
 
 @register_method("ship")

@@ -12,36 +12,15 @@ is the same number for ViT-B/16), and the generator trains through `engine.fit` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from clipadapt.config import one_of
-from clipadapt.methods.base import Batch, FewShotTask, Method, TrainSchema
+from clipadapt.methods.base import Batch, FewShotTask, Method
 from clipadapt.methods.coop import ClassPrompts, encode_prompts
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}  # leaky: the ImageNet script
-
-
-@dataclass
-class GeneratorSchema:
-    name: str = "ship_generator"
-    n_ctx: int = 4
-    latent_dim: Optional[int] = None  # None: the text tower's token width (the paper); 512 for ViT-B/16
-    enc_hidden: int = 2048  # the released 10-dataset script; ImageNet script and paper: 4096
-    mlp_hidden: int = 4096
-    activation: str = one_of("relu", *ACTIVATIONS)  # the bias MLP's (leaky_relu: the ImageNet script)
-    kl_weight: float = 1.0
-    init_std: float = 0.02
-    precision: str = "bf16"  # text tower under bf16 autocast on CUDA; CPU runs fp32
-    # AdamW lr 1e-3 with PyTorch's defaults (weight decay 0.01), no schedule, batch 256; 50 epochs (ImageNet 10).
-    # The generator used downstream is the last one; the official checkpoints at epochs 10..50 are runs with
-    # train.epochs=10..50 (the lr is constant, so stopping early gives the same states).
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=50, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=0.01, schedule="constant"))
 
 
 def _init_linear(module: nn.Module, std: float) -> None:

@@ -13,42 +13,19 @@ test set), and Tip-Adapter-F is its last epoch (the official code keeps the epoc
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.features import unit_rows
-from clipadapt.methods.base import Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import TipAdapterFSchema, TipAdapterSchema
+from clipadapt.methods.base import Batch, Method, register_method
 
 # Rounding allowances of the search's pruning bounds, far above float32's (~1e-7 relative): see `grid_correct`.
 BOUND_MARGIN = 1e-3
 SLACK = 1e-4
 BETA_BLOCK = 8  # betas per tensor operation of the search
-
-
-@dataclass
-class TipSearchSchema:
-    enabled: bool = True
-    beta_max: float = 7.0  # search_scale[0]; the grid stops one step short of it
-    alpha_max: float = 3.0  # search_scale[1]
-    beta_steps: int = 200  # search_step
-    alpha_steps: int = 20
-
-
-@dataclass
-class TipAdapterSchema(MethodSchema):
-    alpha: float = 1.0  # init_alpha: Tip-Adapter-F trains with it; the value used where the search does not run
-    beta: float = 1.0  # init_beta
-    search: TipSearchSchema = field(default_factory=TipSearchSchema)
-
-
-@dataclass
-class TipAdapterFSchema(TipAdapterSchema):
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=20, batch_size=256, optimizer="adamw", lr=1e-3, eps=1e-4, schedule="cosine"))
 
 
 def search_grid(maximum: float, steps: int) -> list[float]:

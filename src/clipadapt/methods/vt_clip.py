@@ -17,48 +17,17 @@ the zero-shot logits bit for bit even for texts stored in fp16.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipadapt.config import one_of
 from clipadapt.features import FeatureSet
-from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, MethodSchema, TrainSchema, register_method
+from clipadapt.method_schemas import NORMS, RESIDUAL_MODES, VTClipSchema
+from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, register_method
 from clipadapt.methods.calip import terms_over
 
-RESIDUAL_MODES = ("convex", "additive")
-NORMS = ("post", "pre")
 CHUNK_FLOATS = 1 << 24  # 64 MB of float32: the default bound on the largest per-chunk activation (memory at eval)
-
-
-@dataclass
-class VTClipSearchSchema:
-    enabled: bool = True  # choose alpha on the few-shot val draw after training (ties keep the trained alpha)
-    alphas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-
-
-@dataclass
-class VTClipSchema(MethodSchema):
-    fidelity: str = "reconstructed"
-    alpha: float = 0.5  # residual ratio: the share of the visual-guided text in the blend
-    residual_mode: str = one_of("convex", *RESIDUAL_MODES)  # convex: (1 - alpha) t + alpha s^ | additive: t + alpha s^
-    alpha_learnable: bool = False
-    heads: int = 8
-    layers: int = 1
-    ffn_ratio: int = 4  # 1 saves memory on ImageNet
-    dropout: float = 0.1
-    norm: str = one_of("post", *NORMS)  # post (the original Transformer's Add & Norm) | pre
-    include_global: bool = False  # the global feature as one more key/value token
-    zs_logit_weight: float = 0.0  # lambda: adds lambda * 100 <g, t_k> to the logits
-    chunk_size: int = 0  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
-    search: VTClipSearchSchema = field(default_factory=VTClipSearchSchema)
-    # The spec's recipe (section 3): AdamW 1e-4, weight decay 1e-4, batch 64, 50 epochs, one warm-up epoch rising
-    # linearly from warmup_lr to lr step by step, then cosine to 0 over the remaining steps.
-    train: TrainSchema = field(default_factory=lambda: TrainSchema(
-        epochs=50, batch_size=64, optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine",
-        schedule_unit="step", warmup_epochs=1, warmup_type="linear", warmup_lr=1e-5))
 
 
 class VisualGuidedAttention(nn.Module):
