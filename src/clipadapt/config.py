@@ -198,8 +198,8 @@ def _violation(rule: dict, value: Any) -> str | None:
 
 def check_options(cfg: DictConfig) -> None:
     """Every enumerated or bounded option of a run config, the method's against its own schema, checked once at
-    start: ConfigError with all the offending options on one line (a method option that is misspelt or of the wrong
-    type fails in methods.base.method_config)."""
+    start: ConfigError with all the offending options on one line (a misspelt method option or a wrong type fails
+    earlier, when Hydra composes; one forced in with `+` fails in methods.base.method_config)."""
     from clipadapt.methods.base import method_config  # imports the methods (torch): only where a cell starts
 
     method = method_config(cfg.method)

@@ -1,4 +1,4 @@
-"""What every method is: a small nn.Module registered by name, with its own config schema.
+"""What every method is: a small nn.Module registered by name, with its own config schema (clipadapt/method_schemas.py).
 
 A method sees a `FewShotTask` (class text features, cached train/val features, and, for methods that learn tokens,
 the prompt encoder) and maps a `Batch` of cached image features to logits. The one training loop in engine.py
