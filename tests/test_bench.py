@@ -39,7 +39,12 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
     trained = {r["case"].split(",")[0] for r in by_section["training"] if r["figure"] == "efficiency" and r["value"]}
     assert trained == {"tip_adapter_f", "clip_adapter", "calip_fs", "coop"} & set(METHODS)
     assert all(r["value"] > 0 for r in rows if r["value"] is not None)
-    assert "heavy imports: none" in by_section["overhead"][0]["note"]  # a cached run loads no model code
+    overhead = by_section["overhead"][0]
+    assert "heavy imports: none" in overhead["note"]  # a cached run loads no model code
+    assert overhead["figure"] == "x `import torch`" and "torch._dynamo not imported" in overhead["note"]
+    evaluating, training = by_section["memory"]  # streaming a dense cache: evaluation, then CALIP-FS training
+    assert training["case"].startswith("CALIP-FS training over a dense train cache of 64 images x 3 views")
+    assert "1 epoch, 2 steps of 32" in training["note"]
     assert "| section | case |" in result.stdout  # the markdown table
     assert not list(tmp_path.glob("clipadapt-bench-*"))  # temporary data removed
 
