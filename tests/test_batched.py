@@ -81,6 +81,17 @@ def test_stacked_cells_equal_cells_trained_alone(name, caplog):
         assert any(not torch.equal(v, tensors(build(name, **CELLS[0]))[k]) for k, v in state.items())  # it trained
 
 
+def test_stacked_cells_get_parameters_of_their_own_back():
+    """Same-shape parameters live in one stacked leaf while training; afterwards each cell owns its storage again
+    (a view into the stack would keep every cell's weights alive, and safetensors refuses shared storage)."""
+    methods = [build("clip_adapter", **cell) for cell in CELLS[:3]]
+    fit_cells([FitRequest(m, m.task.train, cell["seed"]) for m, cell in zip(methods, CELLS)], stack=True)
+    weights = [m.adapter[0].weight for m in methods]
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == len(weights)
+    assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in weights)
+    assert all(w.grad is None for w in weights)
+
+
 def test_on_cpu_the_default_trains_cells_one_after_another_bit_for_bit(caplog):
     alone = []
     for cell in CELLS[:3]:
