@@ -52,6 +52,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("training", "overhead", "grid", "search", "extraction", "memory", "cache")
 TRAINED_METHODS = ("tip_adapter_f", "clip_adapter", "calip_fs", "coop")
+STACKED_TRAINING = ("clip_adapter",)  # one cell's small steps are under the target on CPU: also as a stacked grid
 # imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101
 BENCHMARK_CLASSES = (1000, 100, 37, 196, 102, 101, 100, 397, 47, 10, 101)
 HEAVY_MODULES = ("open_clip", "torchvision", "wandb")
@@ -66,6 +67,7 @@ class Size:
     tokens: int = 49  # dense tokens per image (RN50: 7 x 7)
     text_model: str = "RN50"  # the random-init text tower CoOp trains through (its width: 1024, as `dim`)
     budget_s: float = 60.0  # per training case
+    stacked_cells: int = 16  # cells of one dataset in the training section's stacked case (5 shots x 3 seeds ~ 16)
     grid_classes: tuple[int, ...] = BENCHMARK_CLASSES
     grid_shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     grid_seeds: tuple[int, ...] = (1, 2, 3)
@@ -107,6 +109,7 @@ SIZES = {
     "gpu": Size(budget_s=6, grid_classes=(1000, 100), grid_shots=(1, 4, 16), grid_seeds=(1, 2),
                 grid_real_classes=(1000, 100), grid_compare_stacking=True, overhead_repeats=3),
     "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=5,
+                 stacked_cells=2,
                  grid_classes=(4,), grid_shots=(2,), grid_seeds=(1, 2), grid_test_per_class=2, grid_epochs=1,
                  grid_processes="seed1", grid_real_classes=(3,), grid_compare_stacking=True, overhead_repeats=1,
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
@@ -333,6 +336,47 @@ def training_case(name: str, classes: int, size: Size, device, rate: float, text
     return row, wall / (epochs * steps)
 
 
+def stacked_training_case(name: str, classes: int, cells: int, size: Size, device, rate: float) -> Row:
+    """`cells` cells of one dataset (seeds 1..cells) trained as one stacked model (launcher=batched with
+    hydra.launcher.stack=true), its efficiency over all cells' FLOPs: the batched grid's figure beside one cell's."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from clipadapt.batched import StackedLosses
+    from clipadapt.engine import CellTrainer, train_loop
+    from clipadapt.features import FeatureSet
+    from clipadapt.methods import FewShotTask, build_method
+
+    text, image, labels = synthetic_features(classes, size.shots, 1 + size.views, size.dim, seed=classes)
+    train = FeatureSet(image=image, labels=labels)
+    task = FewShotTask(classnames=[f"class {k}" for k in range(classes)], templates=["a photo of a {}."],
+                       text=torch.tensor(text, device=device), train=train, val=None, device=device, seed=1)
+    methods = []
+    for seed in range(1, cells + 1):
+        torch.manual_seed(seed)
+        methods.append(build_method(OmegaConf.create({"name": name}), task))
+        methods[-1].setup()
+    batch_size = methods[0].cfg.train.batch_size
+    step_flops, step_s = _probe_step(methods[0], train, batch_size, device)
+    steps = max(1, min(len(labels) // batch_size, int(size.budget_s / (1.25 * step_s * cells))))
+
+    synchronize(device)
+    start = time.perf_counter()
+    trainers = [CellTrainer(method, train, seed=seed) for seed, method in enumerate(methods, 1)]
+    for trainer in trainers:
+        trainer.epochs, trainer.steps_per_epoch = 1, steps
+    stacked = StackedLosses(trainers)
+    train_loop(trainers, stacked)
+    stacked.release()
+    synchronize(device)
+    wall = time.perf_counter() - start
+    flops = cells * steps * step_flops
+    return Row("training", f"{name}, {classes} classes, {cells} cells stacked", "efficiency", flops / rate / wall,
+               reference=f"matmul {fmt_rate(rate)}", target=">= 0.5" if classes >= 1000 else "",
+               note=f"the batched grid: {fmt_flops(flops)} in {wall:.2f} s ({plural(steps, 'step')} of each cell; "
+                    f"{fmt_flops(step_flops)}/step/cell, batch {batch_size})")
+
+
 def bench_training(size: Size, args) -> list[Row]:
     import torch
 
@@ -359,6 +403,8 @@ def bench_training(size: Size, args) -> list[Row]:
             row, step_s = training_case(name, classes, size, device, rate, text_tower)
             previous = classes
             rows.append(row)
+        if name in STACKED_TRAINING:  # below the target alone: the batched grid's figure beside it
+            rows.append(stacked_training_case(name, size.classes[-1], size.stacked_cells, size, device, rate))
     threads = torch.get_num_threads() if device.type == "cpu" else None
     end_rate = matmul_rate(device)
     for row in rows:

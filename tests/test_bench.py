@@ -38,6 +38,8 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
 
     trained = {r["case"].split(",")[0] for r in by_section["training"] if r["figure"] == "efficiency" and r["value"]}
     assert trained == {"tip_adapter_f", "clip_adapter", "calip_fs", "coop"} & set(METHODS)
+    stacked = [r for r in by_section["training"] if "cells stacked" in r["case"]]  # the batched grid's figure
+    assert [r["case"] for r in stacked] == ["clip_adapter, 4 classes, 2 cells stacked"] and stacked[0]["value"] > 0
     assert all(r["value"] > 0 for r in rows if r["value"] is not None)
     overhead = by_section["overhead"][0]
     assert "heavy imports: none" in overhead["note"]  # a cached run loads no model code
