@@ -773,6 +773,7 @@ def dense_training_row(size: Size, device, workdir: Path) -> Row:
     from clipadapt.features import FeatureSet, ViewStack
     from clipadapt.methods import FewShotTask, build_method
 
+    note = reset_peak_rss()  # the evaluation row's peak is not this row's
     n, classes, views = size.dense_train_images, size.memory_classes, 1 + size.views
     rng = np.random.default_rng(1)
     text = unit(rng.standard_normal((classes, size.dim))).astype(np.float32)
@@ -789,7 +790,7 @@ def dense_training_row(size: Size, device, workdir: Path) -> Row:
     method = build_method(OmegaConf.create({"name": "calip_fs", "train": {"epochs": 1}}), task)
     method.setup()
     before = peak_rss_mb()
-    note = reset_peak_rss()
+    note = reset_peak_rss() or note
     start = time.perf_counter()
     history = fit(method, train, seed=0)
     wall = time.perf_counter() - start
