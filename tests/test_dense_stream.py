@@ -50,7 +50,8 @@ def test_streamed_training_equals_the_in_memory_path(tmp_path, name, options):
 def test_view_stack_reads_each_row_s_view_from_its_part(tmp_path):
     rng = np.random.default_rng(0)
     whole = rng.standard_normal((7, 5, 3, 4)).astype(np.float16)
-    stack = ViewStack([memory_mapped(whole[:, :1], tmp_path / "a.npy"), memory_mapped(whole[:, 1:], tmp_path / "b.npy")])
+    plain, augmented = memory_mapped(whole[:, :1], tmp_path / "a.npy"), memory_mapped(whole[:, 1:], tmp_path / "b.npy")
+    stack = ViewStack([plain, augmented])
     rows, views = rng.integers(0, 7, 20), rng.integers(0, 5, 20)
     assert stack.shape == whole.shape and len(stack) == 7
     assert np.array_equal(read_pairs(stack, rows, views), whole[rows, views])
