@@ -483,13 +483,12 @@ def _as_run(results: dict[tuple, dict]) -> str:
 
 
 def configured_recipe() -> str:
-    """tip_adapter_f's recipe as conf/method/ sets it (what a user's cell runs)."""
-    from omegaconf import OmegaConf
+    """tip_adapter_f's recipe as its schema sets it (what a user's cell runs)."""
+    from clipadapt.method_schemas import TipAdapterFSchema
 
-    base, method = (OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml")
-                    for name in ("tip_adapter", "tip_adapter_f"))
+    method = TipAdapterFSchema()
     return (f"the configured {method.train.epochs} epochs and "
-            f"{base.search.beta_steps} x {base.search.alpha_steps} alpha/beta search")
+            f"{method.search.beta_steps} x {method.search.alpha_steps} alpha/beta search")
 
 
 @dataclass

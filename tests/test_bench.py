@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+from clipadapt.method_schemas import TipAdapterFSchema
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench.py"
@@ -59,7 +60,7 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
     assert "2 cells in 1 stacked group(s)" in stacked["note"]  # the stacked path really ran (CPU: forced)
     assert "identical in 2 of 2 cells" in stacked["note"]  # stacked == one after another
     assert configured["figure"] == "cells/min, batched, configured recipe" and "(3 classes)" in configured["case"]
-    epochs = OmegaConf.load(REPO / "conf" / "method" / "tip_adapter_f.yaml").train.epochs
+    epochs = TipAdapterFSchema().train.epochs  # conf/method/tip_adapter_f.yaml takes its schema's defaults
     assert f"(as run: epochs {epochs}, searched in 2 of 2 cells)" in configured["note"]
     assert "identical in 1 of 1 cells" in configured["note"]
 

@@ -66,3 +66,17 @@ print(type(optimizer).__name__, "torch._dynamo" in sys.modules)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["FusedSGD", "False"]
+
+
+def test_a_torch_release_without_the_private_helpers_gets_torch_optim(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from clipadapt import engine, optim
+    from clipadapt.method_schemas import TrainSchema
+
+    params = [{"params": [torch.nn.Parameter(torch.randn(4))]}]
+    train = OmegaConf.structured(TrainSchema(optimizer="adamw"))
+    assert type(engine.make_optimizer(params, train)) is FusedAdamW
+    monkeypatch.setattr(optim, "SUPPORTED", False)
+    fallback = engine.make_optimizer(params, train)
+    assert type(fallback) is torch.optim.AdamW and fallback.defaults["fused"]  # the same fused kernel, via torch.optim

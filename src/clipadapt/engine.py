@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, Sequ
 
 from clipadapt.features import Batch, FeatureSet, read_pairs, read_rows, to_tensor, unit_rows
 from clipadapt.method_schemas import SCHEDULE_UNITS, WARMUP_TYPES
+from clipadapt import optim
 from clipadapt.optim import FusedAdamW, FusedSGD
 from clipadapt.progress import progress
 
@@ -37,9 +38,9 @@ def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
     # The fused kernels (CPU and CUDA) update each parameter in one pass instead of ~10 (Tip-Adapter-F's 16M-entry
     # cache keys: 16 ms instead of 160 ms a step on 2 CPU cores); the same update up to float rounding.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
-    if fused:
+    if fused and optim.SUPPORTED:
         return FUSED_OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, **extra)
-    return OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, **extra)
+    return OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, fused=fused, **extra)
 
 
 def _check_option(train, name: str, allowed: tuple[str, ...]) -> None:

@@ -9,16 +9,36 @@ schedulers accept them) and call the same fused kernels through torch's own unde
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from torch.optim.adam import _fused_adam
-from torch.optim.sgd import _fused_sgd
+
+try:  # private helpers: where a torch release lacks them or calls them otherwise, torch.optim itself is used
+    from torch.optim.adam import _fused_adam
+    from torch.optim.sgd import _fused_sgd
+except ImportError:  # pragma: no cover - depends on the torch release
+    _fused_adam = _fused_sgd = None
+
+
+def _takes(function, names: set[str]) -> bool:
+    return function is not None and names <= set(inspect.signature(function).parameters)
+
+
+# The keywords called below, checked once against this torch release (tested on 2.13).
+SUPPORTED = (
+    _takes(_fused_adam, {"amsgrad", "has_complex", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize",
+                         "capturable", "differentiable", "decoupled_weight_decay"})
+    and _takes(_fused_sgd, {"weight_decay", "momentum", "lr", "dampening", "nesterov", "maximize", "has_sparse_grad"})
+    and all(hasattr(getattr(torch.optim.Optimizer, name), "__wrapped__") for name in ("add_param_group", "zero_grad"))
+)
 
 
 class _WithoutDynamo:
     """The undecorated bodies of torch.optim.Optimizer's dynamo-guarded methods (the guard is functools.wraps'd)."""
 
-    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
-    zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
+    if SUPPORTED:
+        add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
+        zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
 
 
 class FusedAdamW(_WithoutDynamo, torch.optim.AdamW):
