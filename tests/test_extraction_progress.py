@@ -6,15 +6,13 @@ batches of 32 give train 20 images -> 1 batch, val -> 1 batch, test 70 images ->
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
+
+from terminal import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRACT = ["backbone=tiny", "dataset=synthetic", "logger=none", "method=zero_shot", "shots=2",
@@ -44,27 +42,7 @@ def test_plain_lines_when_stderr_is_a_pipe(tmp_path):
 
 def test_a_bar_when_stderr_is_a_terminal(tmp_path):
     command, env = extract_command(tmp_path)
-    stderr = run_on_a_terminal(command, env)
+    stderr = run_on_a_terminal(command, env, REPO)
     assert re.search(r"\rsynthetic plain features: 100%\|[^\r]*\| 3/3 \[[^\r]*batch/s\]", stderr), stderr[-2000:]
     assert not re.search(r"plain features: \d+/\d+ batch \(", stderr)  # no plain progress line beside the bar
     assert "features cached under" in stderr  # other log lines still reach the terminal
-
-
-def run_on_a_terminal(command: list[str], env: dict) -> str:
-    """The command's stderr, written to a pseudo-terminal 120 columns wide."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=follower)
-    os.close(follower)
-    output = bytearray()
-    while True:  # read as it comes: a full pty buffer would block the child
-        try:
-            chunk = os.read(leader, 1 << 16)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
-    assert process.wait(timeout=300) == 0, output.decode(errors="replace")[-2000:]
-    return output.decode(errors="replace")

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
 
 from clipadapt.progress import progress
+from terminal import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["backbone=tiny", "dataset=synthetic", "logger=none", "method=clip_adapter", "shots=2",
@@ -50,22 +47,7 @@ def test_plain_lines_when_stderr_is_not_a_terminal(home):
 
 def test_a_bar_when_stderr_is_a_terminal(home):
     command, env = train_command(home, "tty")
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=follower)
-    os.close(follower)
-    output = bytearray()
-    while True:  # read as it comes: a full pty buffer would block the child
-        try:
-            chunk = os.read(leader, 1 << 16)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
-    assert process.wait(timeout=300) == 0
-    stderr = output.decode(errors="replace")
+    stderr = run_on_a_terminal(command, env, REPO)
     assert re.search(r"\rtrain clip_adapter: 100%\|[^\r]*\| 6/6 \[[^\r]*step/s, epoch=3/3, loss=[\d.]+\]", stderr)
     assert not PLAIN_LINE.search(stderr)  # no plain progress line beside the bar
     assert "test/acc" in stderr  # other log lines still reach the terminal (written above the bar)
