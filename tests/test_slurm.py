@@ -196,7 +196,8 @@ def test_sweep_through_the_submitit_slurm_launcher(slurm_cluster, session_root, 
 
     job_ids = set()
     for shots in (1, 2):
-        folder = sweep / "tip_adapter" / "tiny" / "synthetic" / f"{shots}shot" / "seed1"
+        # the folder also names the settings given beside the grid's keys (features.train_views=2, ...)
+        (folder,) = (sweep / "tip_adapter" / "tiny" / "synthetic" / f"{shots}shot").glob("seed1*")
         metrics = json.loads((folder / "metrics.json").read_text())
         assert (metrics["method"], metrics["shots"], metrics["seed"]) == ("tip_adapter", shots, 1)
         assert json.loads((folder / "status.json").read_text())["status"] == "done"
