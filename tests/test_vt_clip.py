@@ -120,7 +120,7 @@ def test_alpha_search_picks_the_best_candidate_on_val():
     assert chosen["alpha"] == 0.5 or scores[0.5] < max(scores.values())  # ties keep the trained alpha
 
 
-@pytest.mark.parametrize("option,message", [({"residual_mode": "mul"}, "is not an option: use one of"),
+@pytest.mark.parametrize("option,message", [({"residual_mode": "mul"}, "method.residual_mode=mul: use one of convex, additive"),
                                              ({"heads": 5}, "must divide the feature width 32")])
 def test_bad_options_fail_in_one_line(option, message):
     task, _ = random_task(tokens=6)

@@ -65,8 +65,8 @@ class TipSearchSchema:
     enabled: bool = True
     beta_max: float = 7.0  # search_scale[0]; the grid stops one step short of it
     alpha_max: float = 3.0  # search_scale[1]
-    beta_steps: int = 200  # search_step
-    alpha_steps: int = 20
+    beta_steps: int = at_least(200, 1)  # search_step
+    alpha_steps: int = at_least(20, 1)
 
 
 @dataclass
@@ -148,7 +148,7 @@ class CalipSearchSchema:
     # over [0.001, beta_max) with per-dataset maxima (ImageNet: 2.0, 0.1).
     beta2_max: float = 7.0
     beta3_max: float = 0.2
-    steps: int = 41
+    steps: int = at_least(41, 1)
 
 
 @dataclass
@@ -164,7 +164,7 @@ class CalipSchema(MethodSchema):
     attn_scale_visual: float = 2.0  # tau of the softmax over classes (text-blended locations)
     pool: str = one_of("mean+max", *POOLS)  # mean+max (official: the two summed) | mean | max
     renorm: bool = False  # re-normalise T~ and v before the logits (SuS-X's variant; not the official code)
-    chunk_size: int = 0  # images per chunk of the attention; 0: each [chunk, M, max(K, D)] tensor under 2^24 floats
+    chunk_size: int = at_least(0, 0)  # images per chunk of the attention; 0: each [chunk, M, max(K, D)] tensor under 2^24 floats
     search: CalipSearchSchema = field(default_factory=CalipSearchSchema)
 
 
@@ -202,13 +202,13 @@ class VTClipSchema(MethodSchema):
     residual_mode: str = one_of("convex", *RESIDUAL_MODES)  # convex: (1 - alpha) t + alpha s^ | additive: t + alpha s^
     alpha_learnable: bool = False
     heads: int = 8
-    layers: int = 1
+    layers: int = at_least(1, 1)
     ffn_ratio: int = 4  # 1 saves memory on ImageNet
     dropout: float = 0.1
     norm: str = one_of("post", *NORMS)  # post (the original Transformer's Add & Norm) | pre
     include_global: bool = False  # the global feature as one more key/value token
     zs_logit_weight: float = 0.0  # lambda: adds lambda * 100 <g, t_k> to the logits
-    chunk_size: int = 0  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
+    chunk_size: int = at_least(0, 0)  # images per forward chunk; 0: the FFN's [chunk, K, ratio * D] activations under 2^24 floats
     search: VTClipSearchSchema = field(default_factory=VTClipSearchSchema)
     # The spec's recipe (section 3): AdamW 1e-4, weight decay 1e-4, batch 64, 50 epochs, one warm-up epoch rising
     # linearly from warmup_lr to lr step by step, then cosine to 0 over the remaining steps.
@@ -352,7 +352,7 @@ class GeneratorSchema:
     activation: str = one_of("relu", *GENERATOR_ACTIVATIONS)  # the bias MLP's (leaky_relu: the ImageNet script)
     kl_weight: float = 1.0
     init_std: float = 0.02
-    precision: str = "bf16"  # text tower under bf16 autocast on CUDA; CPU runs fp32
+    precision: str = one_of("bf16", *PRECISIONS)  # text tower under bf16 autocast on CUDA; CPU runs fp32
     # AdamW lr 1e-3 with PyTorch's defaults (weight decay 0.01), no schedule, batch 256; 50 epochs (ImageNet 10).
     # The generator used downstream is the last one; the official checkpoints at epochs 10..50 are runs with
     # train.epochs=10..50 (the lr is constant, so stopping early gives the same states).

@@ -157,5 +157,12 @@ def method_config(node: DictConfig) -> DictConfig:
 
 
 def build_method(node: DictConfig, task: FewShotTask) -> Method:
+    """The method of `node` on `task`; an option outside its schema's choices or bounds fails here, in one line
+    (the method classes themselves do not check them again)."""
+    from clipadapt.config import ConfigError, option_errors
+
     cfg = method_config(node)
+    errors = option_errors(OmegaConf.get_type(cfg), cfg, "method.")
+    if errors:
+        raise ConfigError("; ".join(errors))
     return METHODS[cfg.name](cfg, task).to(task.device)

@@ -121,11 +121,6 @@ class CCLI(Method):
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
-        for key, value, allowed in (("concept_pool", cfg.concept_pool, ("global", "views")),
-                                    ("head", cfg.head, ("linear", "mlp")),
-                                    ("text_init", cfg.text_init, ("zero", "class_similarity"))):
-            if value not in allowed:
-                raise ValueError(f"method.{key}={value!r}: use one of {allowed}")
         encoder = task.prompt_encoder() if task.prompt_encoder is not None else None
         if encoder is None:
             raise ValueError("ccli encodes its text concepts with CLIP's text tower, which a features file does not "

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.features import unit_rows
-from clipadapt.method_schemas import PRECISIONS, AnchorSchema, RTOSSchema, RTOSZeroShotSchema
+from clipadapt.method_schemas import AnchorSchema, RTOSSchema, RTOSZeroShotSchema
 from clipadapt.methods.base import Batch, Method, register_method
 from clipadapt.vocab import dataset_classnames, read_words, shipped_datasets, unique
 
@@ -169,13 +169,6 @@ class RTOS(Method):
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"method.precision={cfg.precision!r}: use one of {PRECISIONS}")
-        for key, value, allowed in (("relation.mode", cfg.relation.mode, ("softmax_anchor", "raw_cosine")),
-                                    ("rtm.output", cfg.rtm.output, ("scaled", "log")),
-                                    ("rtm.init", cfg.rtm.init, ("identity", "xavier"))):
-            if value not in allowed:
-                raise ValueError(f"method.{key}={value!r}: use one of {allowed}")
         purpose = "on learned anchor tokens" if cfg.anchors.learnable else "on its anchor prompts"
         self.encoder = task.text_tower(cfg.name, purpose)
         if cfg.anchors.init == "random":

@@ -37,8 +37,6 @@ class PromptGenerator(Method):
 
     def __init__(self, cfg: DictConfig, task: FewShotTask, encoder: nn.Module, classnames: list[str]):
         super().__init__(cfg, task)
-        if cfg.activation not in ACTIVATIONS:
-            raise ValueError(f"generator.activation={cfg.activation!r}: use one of {sorted(ACTIVATIONS)}")
         feature_dim, width = task.text.shape[1], encoder.width
         latent = cfg.latent_dim or width
         self.latent_dim = latent

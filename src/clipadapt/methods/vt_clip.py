@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.features import FeatureSet
-from clipadapt.method_schemas import NORMS, RESIDUAL_MODES, VTClipSchema
+from clipadapt.method_schemas import VTClipSchema
 from clipadapt.methods.base import LOGIT_SCALE, Batch, Method, register_method
 from clipadapt.methods.calip import terms_over
 
@@ -76,12 +76,6 @@ class VTClip(Method):
 
     def __init__(self, cfg, task):
         super().__init__(cfg, task)
-        for name, allowed in (("residual_mode", RESIDUAL_MODES), ("norm", NORMS)):
-            if cfg[name] not in allowed:
-                raise ValueError(f"method.{name}={cfg[name]!r} is not an option: use one of {list(allowed)}")
-        if cfg.layers < 1 or cfg.chunk_size < 0:
-            raise ValueError(f"method.layers must be >= 1 and method.chunk_size >= 0: got {cfg.layers}, "
-                             f"{cfg.chunk_size}")
         dim = task.text.shape[1]
         self.blocks = nn.ModuleList(VisualGuidedBlock(dim, cfg.heads, cfg.ffn_ratio, cfg.dropout, cfg.norm)
                                     for _ in range(cfg.layers))
