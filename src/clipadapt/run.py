@@ -104,12 +104,12 @@ def image_task_data(cfg: DictConfig, needs_dense: bool, device: torch.device, au
     if with_draw and augmented and cfg.features.train_views > 0:
         view = View("augment", cfg.features.train_views, cfg.features.augment_seed, augmentation)
         provenance["augmentation"] = f"{augmentation}: {AUGMENTATIONS[augmentation].description}"
-        augmented = features(draw.train, view)
+        views = features(draw.train, view)
         train = FeatureSet(
-            image=np.concatenate([train.image, augmented.image], axis=1), labels=train.labels, paths=train.paths,
+            image=np.concatenate([train.image, views.image], axis=1), labels=train.labels, paths=train.paths,
             # Dense views stay in their memory-mapped entries (~17 GB for ImageNet 16-shot RN50): training reads a
             # step's rows from each (features.ViewStack).
-            dense=None if train.dense is None else ViewStack([train.dense, augmented.dense]),
+            dense=None if train.dense is None else ViewStack([train.dense, views.dense]),
         )
 
     def load_target(name: str, with_text: bool = True) -> protocols.Target:
