@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from clipadapt.features import Batch, FeatureSet, read_pairs, read_rows, to_tensor, unit_rows
-from clipadapt.method_schemas import SCHEDULE_UNITS, WARMUP_TYPES
 from clipadapt import optim
 from clipadapt.optim import FusedAdamW, FusedSGD
 from clipadapt.progress import progress
@@ -43,11 +42,6 @@ def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
     return OPTIMIZERS[train.optimizer](groups, lr=train.lr, weight_decay=train.weight_decay, fused=fused, **extra)
 
 
-def _check_option(train, name: str, allowed: tuple[str, ...]) -> None:
-    if train[name] not in allowed:
-        raise ValueError(f"method.train.{name}={train[name]!r} is not an option: use one of {list(allowed)}")
-
-
 def batches_per_epoch(rows: int, train) -> int:
     """Batches in an epoch; with drop_last the last partial batch is left out when the draw holds a full one
     (Dassl's train loader: drop_last = len(data) >= batch_size, so a tiny draw still trains)."""
@@ -66,8 +60,6 @@ def make_schedule(optimizer, train, steps_per_epoch: int):
       lr is not 0.
     Warm-up: constant at warmup_lr (Dassl's ConstantWarmupScheduler) or linear from warmup_lr up to lr.
     """
-    _check_option(train, "schedule_unit", SCHEDULE_UNITS)
-    _check_option(train, "warmup_type", WARMUP_TYPES)
     per_unit = steps_per_epoch if train.schedule_unit == "step" else 1
     total = train.epochs * per_unit
     warmup = min(train.warmup_epochs * per_unit, total)
