@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipadapt.files import write_atomic
 from clipadapt.sweep import read_json, result_config
 
 log = logging.getLogger("clipadapt.report")  # also when run as __main__
@@ -125,7 +125,7 @@ def published(method: str, backbone: str, dataset: str, shots: int) -> tuple[tup
 # Settings that differ between seeds by design (never a sign of two experiments mixed).
 PER_SEED = {"seed", "run_name", "protocol.seed", "protocol.draw_hash", "shots", "protocol.shots"}
 HEADLINE = ("protocol.task", "protocol.val_policy", "protocol.selection", "protocol.leaky", "protocol.method_fidelity")
-B2N = ("base/acc", "new/acc", "H")  # as protocols.summary writes them
+B2N = ("base/acc", "new/acc")  # as protocols.summary writes them; H is recomputed from their means (CoCoOp's way)
 
 
 class ReportError(Exception):
@@ -167,7 +167,7 @@ class Series:
     @property
     def base_to_new(self) -> bool:
         """Runs of the base-to-new protocol: reported as base / new / H, not as one accuracy."""
-        return any(all(isinstance(c.metrics.get(m), (int, float)) for m in B2N[:2]) for c in self.cells.values())
+        return any(all(isinstance(c.metrics.get(m), (int, float)) for m in B2N) for c in self.cells.values())
 
     @property
     def from_features_file(self) -> bool:
@@ -379,9 +379,9 @@ def protocol_notes(series: Series, grid: Grid) -> tuple[str, list[str]]:
 def base_to_new_stats(series: Series, grid: Grid, dataset: str | None, shots: int) -> tuple[Stat, Stat, Stat]:
     """Base, new and H (the harmonic mean of the mean base and mean new accuracy, as CoCoOp and SHIP report it)."""
     if dataset is None:
-        base, new = (average_stat(series, grid, m, shots) for m in B2N[:2])
+        base, new = (average_stat(series, grid, m, shots) for m in B2N)
     else:
-        base, new = (dataset_stat(series, grid, m, dataset, shots) for m in B2N[:2])
+        base, new = (dataset_stat(series, grid, m, dataset, shots) for m in B2N)
     h = None
     if base.mean is not None and new.mean is not None and base.mean + new.mean > 0:
         h = 2 * base.mean * new.mean / (base.mean + new.mean)
@@ -465,18 +465,12 @@ COLUMNS = {
 }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    tmp.replace(path)
-
-
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
     writer.writerows([["" if v is None else (round(v, 4) if isinstance(v, float) else v) for v in row] for row in rows])
-    _write_atomic(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_atomic(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 def _panels(count: int):
@@ -497,7 +491,7 @@ def _save(plt, figure, path: Path, bottom_in: float = 0.5) -> None:
     height = figure.get_figheight()  # margins in inches, so one row and three rows both fit (tight_layout is slow)
     figure.subplots_adjust(left=0.07, right=0.98, top=1 - 0.55 / height, bottom=bottom_in / height, hspace=0.55,
                            wspace=0.28)
-    _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 
 
@@ -565,7 +559,7 @@ def write_report(folders: list[Path], out: Path, shots: list[int] | None = None,
     markdown, tables, summary = build_report(series, grid, folders)
     out.mkdir(parents=True, exist_ok=True)
     files = {"report.md": out / "report.md"}
-    _write_atomic(files["report.md"], lambda tmp: tmp.write_text(markdown))
+    write_atomic(files["report.md"], lambda tmp: tmp.write_text(markdown))
     tables = {name: rows for name, rows in tables.items() if rows or name == "results"}
     for name, rows in tables.items():
         files[f"{name}.csv"] = out / f"{name}.csv"
