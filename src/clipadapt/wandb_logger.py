@@ -51,13 +51,13 @@ def start_run(mode: str | None, directory: Path, **kwargs):
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_config: dict, output_dir: Path, group: str | None = None):
+    def __init__(self, cfg, run_config: dict, output_dir: Path, group: str):
         self.run = start_run(
             cfg.mode,
             Path(output_dir),
             project=cfg.project,
             entity=cfg.entity,
-            group=group or cfg.group,
+            group=group,  # tracking.run_group: logger.group, else the sweep's or the run's own
             job_type=cfg.job_type,
             tags=list(cfg.tags),
             name=run_config.get("run_name"),
