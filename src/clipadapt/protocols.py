@@ -142,8 +142,10 @@ def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed
     if not lists["train"]:
         raise DatasetError(f"draw file {path} has no train images")
 
-    def resolve(split: str, pool: list[Item], pool_name: str) -> list[Item]:
-        by_path = {item.path: item for item in pool}
+    pools = {"train": train, "val": val}
+
+    def resolve(split: str, pool_name: str) -> list[Item]:
+        by_path = {item.path: item for item in pools[pool_name]}
         items = []
         for entry in lists[split]:
             relative = entry if isinstance(entry, str) else entry[0] if isinstance(entry, list) and len(entry) == 3 else None
@@ -157,8 +159,7 @@ def import_draw(path: Path, train: list[Item], val: list[Item], shots: int, seed
             items.append(item)
         return items
 
-    drawn = Draw(resolve("train", train, "train"), resolve("val", train if val_from_train else val,
-                                                          "train" if val_from_train else "val"), shots, seed)
+    drawn = Draw(resolve("train", "train"), resolve("val", "train" if val_from_train else "val"), shots, seed)
     both = {i.path for i in drawn.train} & {i.path for i in drawn.val}
     if both:
         raise DatasetError(f"draw file {path}: {sorted(both)[0]!r} is in both the train and the val draw")
