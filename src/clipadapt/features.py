@@ -69,6 +69,13 @@ def unit_rows(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     return torch.nn.functional.normalize(to_tensor(array, device), dim=-1)
 
 
+def _whole_mapped_file(array) -> bool:
+    """Whether `array` is a whole memory-mapped cache file (not a slice of one), C-contiguous: its rows can be read
+    with plain file reads at their offsets."""
+    return (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and bool(array.filename)
+            and array.flags.c_contiguous)
+
+
 def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a cached array, as an in-memory copy.
 
@@ -77,8 +84,7 @@ def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     while a large test set is streamed), pages read with read() only in the kernel's page cache.
     """
     stop = min(stop, len(array))
-    whole_file = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename  # not a slice
-    if not whole_file or not array.flags.c_contiguous or stop <= start:
+    if not _whole_mapped_file(array) or stop <= start:
         return np.array(array[start:stop])
     row_items = int(np.prod(array.shape[1:], dtype=np.int64))
     rows = np.fromfile(array.filename, dtype=array.dtype, count=(stop - start) * row_items,
@@ -94,8 +100,7 @@ def read_pairs(array, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
     """
     if isinstance(array, ViewStack):
         return array.take(rows, views)
-    whole_file = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename
-    if not whole_file or not array.flags.c_contiguous:
+    if not _whole_mapped_file(array):
         return np.asarray(array[rows, views])
     slab = array[0, 0].nbytes
     out = np.empty((len(rows), *array.shape[2:]), dtype=array.dtype)
