@@ -46,14 +46,15 @@ log = logging.getLogger(__name__)
 RANDOM_PLACEHOLDER = "x"  # one BPE token whose embedding a random anchor token replaces
 
 
-def cross_dataset_names(datasets: list[str] | None, evaluated_datasets: list[str]) -> list[str]:
-    """The shipped class lists of `datasets` (None: all 11 benchmarks) except the evaluated ones, in that order."""
+def cross_dataset_names(datasets: list[str] | None) -> list[str]:
+    """The shipped class lists of `datasets` (None: all 11 benchmarks), in that order (`anchor_pool` drops the
+    evaluated datasets' classes)."""
     shipped = shipped_datasets()
     datasets = shipped if datasets is None else list(datasets)
     unknown = sorted(set(datasets) - set(shipped))
     if unknown:
         raise ValueError(f"method.anchors.datasets has {unknown}, which ship no class list: use some of {shipped}")
-    return [name for d in datasets if d not in evaluated_datasets for name in dataset_classnames(d)]
+    return [name for d in datasets for name in dataset_classnames(d)]
 
 
 def anchor_pool(cfg: AnchorSchema, targets: list[str], evaluated_datasets: list[str]) -> list[str]:
@@ -67,7 +68,7 @@ def anchor_pool(cfg: AnchorSchema, targets: list[str], evaluated_datasets: list[
         if source == "words":
             pool += read_words(cfg.words_file, "open_concepts.txt")
         elif source == "cross_dataset":
-            pool += cross_dataset_names(cfg.datasets, evaluated_datasets)
+            pool += cross_dataset_names(cfg.datasets)
         else:
             raise ValueError(f"method.anchors.sources has {source!r}: use cross_dataset and/or words")
     pool = unique(pool, exclude=excluded)
