@@ -13,7 +13,6 @@ test set), and Tip-Adapter-F is its last epoch (the official code keeps the epoc
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
