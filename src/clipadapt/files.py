@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -21,10 +22,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """`text` into `path` as write_json_atomic writes: complete or absent, no temp file left on failure."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary sibling of `path`, then rename it to `path`: complete or absent. A failed write
+    (disk full, no permission) leaves no temp file behind and names the file it could not write."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         tmp.replace(path)
     except OSError as error:
         tmp.unlink(missing_ok=True)

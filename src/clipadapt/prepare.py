@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from clipadapt.data import DatasetError, build_dataset, read_split_file
 from clipadapt.data.benchmarks import PROTOCOL_SIZES, Sizes, dataset_config, read_classnames, sizes_of
 from clipadapt.data.registry import dataset_root
+from clipadapt.files import write_json_atomic
 
 USER_AGENT = "clipadapt-prepare (+https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
 CHUNK = 1 << 20
@@ -486,12 +487,6 @@ def _small_files(recipe: Recipe, cfg: DictConfig) -> list[Remote]:
     return files
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 def _fetch_and_unpack(recipe: Recipe, folder: Path, status: Status, retries: int, progress: bool) -> None:
     for remote in (remote for remote in recipe.remotes if remote.is_archive):
         done = folder / STATE / f"{remote.filename}.unpacked"
@@ -526,7 +521,7 @@ def prepare_dataset(recipe: Recipe, cfg: DictConfig, data_root: Path, *, keep_ar
             status = inspect(recipe, cfg, data_root)
             if status.state != "ready":
                 raise PrepareError(f"{recipe.id}: {status.detail}")
-        _write_json_atomic(marker, {"dataset": recipe.id, "sizes": vars(status.sizes),
+        write_json_atomic(marker, {"dataset": recipe.id, "sizes": vars(status.sizes),
                                     "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         for remote in recipe.remotes:
             if remote.is_archive and remote.urls and not keep_archives:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -23,7 +22,7 @@ from clipadapt.data import ImageDataset, Item, build_dataset
 from clipadapt.data.benchmarks import dataset_config
 from clipadapt.engine import fit
 from clipadapt.features import AUGMENTATIONS, FeatureExtractor, FeatureSet, View, ViewStack, backbone_key
-from clipadapt.files import write_json_atomic, write_text_atomic
+from clipadapt.files import write_atomic, write_json_atomic, write_text_atomic
 from clipadapt.methods import FewShotTask, build_method
 from clipadapt.methods.base import method_config
 from clipadapt.tracking import make_logger, provenance_record
@@ -154,6 +153,11 @@ def file_task_data(cfg: DictConfig) -> TaskData:
     )
 
 
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as file:  # a file object: np.savez would append .npz to a path's name
+        np.savez(file, **arrays)
+
+
 def protocol_flags(cfg: DictConfig, method_cfg: DictConfig, data: TaskData, test_tuned: tuple[str, ...] = ()) -> dict:
     """How the run relates to the honest protocol. Leaky: anything the test set informed, this run's own look at it
     (selection=test), the whole val split (val_policy=full, the reference codes' habit), or `test_tuned` settings
@@ -275,9 +279,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             "config": resolved,
         }
         if cfg.save_logits:  # temp file + rename, like metrics.json
-            partial = output_dir / f".logits.tmp{os.getpid()}.npz"
-            np.savez(partial, **protocols.logit_arrays(results))
-            partial.replace(output_dir / "logits.npz")
+            write_atomic(output_dir / "logits.npz", lambda tmp: save_npz(tmp, protocols.logit_arrays(results)))
         trained_state.write(state, output_dir / trained_state.STATE_FILE)  # first: a metrics.json has its state
         for name, text in method.files().items():  # e.g. RTOS's anchors.txt
             write_text_atomic(output_dir / name, text)

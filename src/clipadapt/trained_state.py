@@ -10,13 +10,14 @@ set (a cache of no keys, no visual concepts) takes the saved shapes before the v
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from clipadapt.files import write_atomic
 
 STATE_FILE = "model.safetensors"
 FORMAT = "clipadapt-state/1"
@@ -58,9 +59,8 @@ def write(state: TrainedState, path: Path) -> None:
     from safetensors.torch import save
 
     metadata = {"format": FORMAT, "method": state.method, "extra_state": json.dumps(state.extra)}
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    partial.write_bytes(save(state.tensors, metadata=metadata))  # save_file would make it owner-only (0600)
-    partial.replace(path)
+    content = save(state.tensors, metadata=metadata)  # save_file would make it owner-only (0600)
+    write_atomic(path, lambda tmp: tmp.write_bytes(content))
 
 
 def read(path: Path) -> TrainedState:
