@@ -80,3 +80,54 @@ def test_a_torch_release_without_the_private_helpers_gets_torch_optim(monkeypatc
     monkeypatch.setattr(optim, "SUPPORTED", False)
     fallback = engine.make_optimizer(params, train)
     assert type(fallback) is torch.optim.AdamW and fallback.defaults["fused"]  # the same fused kernel, via torch.optim
+
+
+def transposed_slice(values: torch.Tensor) -> torch.Tensor:
+    """values[1] as a slice of a [2, R, C] leaf laid out as a vmapped linear layer's weight gradient arrives
+    (clipadapt.batched): a non-contiguous view whose transpose is contiguous."""
+    return values.transpose(1, 2).contiguous().transpose(1, 2)[1]
+
+
+def steps_of(optimizer_class, weight: torch.Tensor, grads: list[torch.Tensor], relayout_at: int | None = None,
+             **options) -> tuple[torch.Tensor, list[str]]:
+    """The weight after one step per gradient, each gradient in the parameter's layout of that step, and the ops
+    the steps ran."""
+    param = torch.nn.Parameter(torch.empty(0))
+    param.data = weight
+    optimizer = optimizer_class([param], **options)
+    ops = []
+    for step, grad in enumerate(grads):
+        if step == relayout_at:  # laid out anew after the state was made (a stacked leaf is not: see batched.py)
+            param.data = transposed_slice(torch.stack([param.detach()] * 2))
+        param.grad = torch.empty_strided(grad.shape, param.stride()).copy_(grad)
+        with torch.profiler.profile() as trace:
+            optimizer.step()
+        ops += sorted(event.name for event in trace.events() if event.name.startswith("aten::"))
+    return param.detach(), ops
+
+
+@pytest.mark.parametrize("ours, theirs, options", [
+    (FusedAdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.01}),
+    (FusedSGD, torch.optim.SGD, {"lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9}),
+])
+def test_transposed_parameters_get_the_contiguous_update_without_copies(ours, theirs, options):
+    torch.manual_seed(0)
+    values, grads = torch.randn(2, 16, 8), [torch.randn(16, 8) for _ in range(3)]
+    reference, reference_ops = steps_of(theirs, values[1].clone(), grads, fused=True, **options)
+    on_contiguous, contiguous_ops = steps_of(ours, values[1].clone(), grads, **options)
+    on_transposed, transposed_ops = steps_of(ours, transposed_slice(values), grads, **options)
+    assert not on_transposed.is_contiguous()
+    assert torch.equal(on_transposed, reference) and torch.equal(on_contiguous, reference)
+    assert transposed_ops == contiguous_ops  # the same kernels, no copy; torch.optim's copies them in and out:
+    assert steps_of(theirs, transposed_slice(values), grads, fused=True, **options)[1] != reference_ops
+
+
+def test_sgd_momentum_survives_a_parameter_laid_out_anew():
+    """torch's fused kernel drops the update of a momentum buffer laid out otherwise than its parameter."""
+    torch.manual_seed(0)
+    weight, grads = torch.randn(16, 8), [torch.randn(16, 8) for _ in range(4)]
+    options = {"lr": 0.1, "momentum": 0.9}
+    reference, _ = steps_of(torch.optim.SGD, weight.clone(), grads, fused=True, **options)
+    assert torch.equal(steps_of(FusedSGD, weight.clone(), grads, relayout_at=2, **options)[0], reference)
+    assert not torch.equal(steps_of(torch.optim.SGD, weight.clone(), grads, relayout_at=2, fused=True,
+                                    **options)[0], reference)

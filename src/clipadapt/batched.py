@@ -114,6 +114,10 @@ class StackedLosses:
     gradient a view of the leaf's. Stacking the parameters anew every step and splitting their gradients back
     took a quarter of a 1000-class CLIP-Adapter step; the values are the same. Parameters whose shapes differ
     (zero padding) are still stacked every step, autograd carrying each cell's gradient back to its own.
+    Before the first step, one backward shows the strides each leaf's gradient arrives in, and the leaf takes
+    them: autograd then accumulates the gradient as it comes, where it otherwise copies it into the leaf's layout
+    (vmapped linear layers' weight gradients arrive transposed: that copy took a third of a 16-cell 1000-class
+    CLIP-Adapter step).
     Buffers and frozen parameters that differ between cells are stacked once, those equal in every cell are the
     first cell's and not stacked (the text classifier, a frozen text tower). `release` gives the cells their own
     storage back.
@@ -128,10 +132,12 @@ class StackedLosses:
         states = [params | dict(cell.method.named_buffers()) for params, cell in zip(self.parameters, cells)]
         self.trainable = [name for name, p in self.base.named_parameters() if p.requires_grad]
         self.leaves: dict[str, torch.Tensor] = {}
-        self._hooks = []
+        self._hooks: dict[str, object] = {}
+        self._arrived: dict[str, tuple[int, ...]] = {}  # the strides each leaf's gradient arrives in
+        self._watching: list = []  # the hooks that note them, until the leaves are laid out so
         for name in self.trainable:
             if len({tuple(params[name].shape) for params in self.parameters}) == 1:
-                self.leaves[name] = self._shared_leaf([params[name] for params in self.parameters])
+                self._share(name)
         self.constants: dict[str, torch.Tensor] = {}  # per-cell, stacked once
         for name in states[0]:
             if name in self.trainable:
@@ -140,29 +146,54 @@ class StackedLosses:
             if not all(v is values[0] or (v.shape == values[0].shape and torch.equal(v, values[0])) for v in values):
                 self.constants[name] = stack_padded([v.detach() for v in values])
 
-    def _shared_leaf(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """[C, ...] leaf holding the cells' values of one parameter, each cell's parameter a view of its slice."""
-        leaf = torch.stack([p.detach() for p in params]).requires_grad_()
+    def _share(self, name: str, strides: tuple[int, ...] | None = None) -> None:
+        """One [C, ...] leaf (in `strides`, default contiguous) holding the cells' values of a parameter, each
+        cell's parameter a view of its slice; each cell's gradient, after a backward, a view of the leaf's."""
+        params = [parameters[name] for parameters in self.parameters]
+        values = torch.stack([p.detach() for p in params])
+        leaf = values if strides is None else torch.empty_strided(
+            values.shape, strides, dtype=values.dtype, device=values.device).copy_(values)
+        leaf.requires_grad_()
         for i, param in enumerate(params):
             param.data = leaf.detach()[i]
 
-        def hand_out(leaf: torch.Tensor) -> None:  # each cell's gradient: its slice of the leaf's (no copy)
+        def hand_out(leaf: torch.Tensor) -> None:  # no copy
             grad, leaf.grad = leaf.grad, None
             for i, param in enumerate(params):
                 param.grad = grad[i]
 
-        self._hooks.append(leaf.register_post_accumulate_grad_hook(hand_out))
-        return leaf
+        if name in self._hooks:
+            self._hooks[name].remove()
+        self._hooks[name] = leaf.register_post_accumulate_grad_hook(hand_out)
+        if strides is None:
+            self._watching.append(leaf.register_hook(lambda grad: self._note_arrival(name, grad)))
+        self.leaves[name] = leaf
+
+    def _note_arrival(self, name: str, grad: torch.Tensor) -> None:
+        self._arrived[name] = grad.stride()
+
+    def _lay_out_as_gradients(self, losses: torch.Tensor) -> None:
+        """Backward of `losses` (no optimizer step follows), then each leaf whose gradient arrived in other strides
+        laid out in those, its values unchanged; the gradients are dropped."""
+        losses.sum().backward()
+        for hook in self._watching:
+            hook.remove()
+        self._watching = []
+        for name, strides in self._arrived.items():
+            if strides != self.leaves[name].stride():
+                self._share(name, strides)
+        for cell in self.cells:
+            cell.optimizer.zero_grad(set_to_none=True)
 
     def release(self) -> None:
         """Every cell's parameters in storage of their own again (e.g. to be saved alone); call once trained."""
-        for hook in self._hooks:
+        for hook in [*self._hooks.values(), *self._watching]:
             hook.remove()
         for name in self.leaves:
             for params in self.parameters:
-                params[name].data = params[name].data.clone()
+                params[name].data = params[name].data.clone(memory_format=torch.contiguous_format)
                 params[name].grad = None
-        self.leaves, self._hooks = {}, []
+        self.leaves, self._hooks, self._watching = {}, {}, []
 
     def _state(self, cells: list[CellTrainer]) -> dict[str, torch.Tensor]:
         slots = [self.slot[id(cell)] for cell in cells]
@@ -184,6 +215,11 @@ class StackedLosses:
         return torch.vmap(one, in_dims=(0, 0, None if dense is None else 0))(self._state(cells), image, dense)
 
     def __call__(self, cells: list[CellTrainer], batches: list[tuple[Batch, torch.Tensor]]) -> torch.Tensor:
+        if self._watching:  # the first step
+            self._lay_out_as_gradients(self._losses(cells, batches))
+        return self._losses(cells, batches)
+
+    def _losses(self, cells: list[CellTrainer], batches: list[tuple[Batch, torch.Tensor]]) -> torch.Tensor:
         rows = [len(labels) for _, labels in batches]
         labels = _stack_rows([labels for _, labels in batches])
         if self.custom_loss:  # the method's own loss takes whole batches: stack only equal-length ones

@@ -5,6 +5,10 @@ torch.optim wraps add_param_group, zero_grad and step in dynamo guards whose fir
 schedulers accept them) and call the same fused kernels through torch's own undecorated helpers
 (`_fused_adam`, `_fused_sgd`): the same arithmetic on the same tensors, so results are bit-identical
 (tests/test_optim.py). They are for eager use only; nothing here is meant to be compiled.
+
+Each parameter reaches the kernel with its state and gradient permuted into the parameter's memory order: the
+fused kernels copy a non-contiguous tensor in and out again, and a stacked leaf's slices (clipadapt.batched) are
+transposed views; an elementwise update gives the same values in any order, without the copies.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ SUPPORTED = (
 )
 
 
+def _memory_order(tensor: torch.Tensor) -> list[int]:
+    """Its dims from outermost to innermost in memory: permuted so, a dense tensor is contiguous."""
+    return sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
+
+
+def _permuted(tensors: list, orders: list[list[int]]) -> list:
+    return [t if t is None else t.permute(order) for t, order in zip(tensors, orders, strict=True)]
+
+
 class _WithoutDynamo:
     """The undecorated bodies of torch.optim.Optimizer's dynamo-guarded methods (the guard is functools.wraps'd)."""
 
@@ -55,6 +68,11 @@ class FusedAdamW(_WithoutDynamo, torch.optim.AdamW):
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
             beta1, beta2 = group["betas"]
+            orders = [_memory_order(p) for p in params]
+            params, grads, exp_avgs, exp_avg_sqs = (_permuted(tensors, orders)
+                                                    for tensors in (params, grads, exp_avgs, exp_avg_sqs))
+            if group["amsgrad"]:
+                max_exp_avg_sqs = _permuted(max_exp_avg_sqs, orders)
             _fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, None, None,
                         amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
                         weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
@@ -74,9 +92,15 @@ class FusedSGD(_WithoutDynamo, torch.optim.SGD):
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             has_sparse_grad = self._init_group(group, params, grads, buffers)
-            _fused_sgd(params, grads, buffers, None, None, weight_decay=group["weight_decay"],
-                       momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                       nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad)
+            orders = [_memory_order(p) for p in params]
+            if group["momentum"] != 0:  # (the first step's buffers are made in _fused_sgd, like the gradients)
+                # contiguous: the kernel loses its update of a buffer it had to copy (one laid out otherwise than
+                # its parameter); the buffers are stored back below
+                buffers = [b if b is None else b.contiguous() for b in _permuted(buffers, orders)]
+            _fused_sgd(_permuted(params, orders), _permuted(grads, orders), buffers, None, None,
+                       weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                       dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                       has_sparse_grad=has_sparse_grad)
             if group["momentum"] != 0:
-                for p, buffer in zip(params, buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buffer
+                for p, buffer, order in zip(params, buffers, orders, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer.permute(sorted(range(p.dim()), key=order.__getitem__))
