@@ -17,6 +17,8 @@ help: ## list the targets
 $(VENV)/.installed-$(TORCH): pyproject.toml constraints-$(TORCH).txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	@# an editable install leaves src/ uncompiled; Python reads these .pyc even under PYTHONDONTWRITEBYTECODE=1
+	$(PY) -m compileall -q src
 	rm -f $(VENV)/.installed-*
 	touch $@
 

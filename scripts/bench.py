@@ -434,12 +434,27 @@ def bench_training(size: Size, args) -> list[Row]:
 # ------------------------------------------------------------------------------------------------------ overhead
 
 
+# The floor Hydra itself sets: an app of no config of its own that imports torch in its task function.
+BARE_HYDRA_APP = """import hydra
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name=None)
+def main(cfg):
+    import torch
+
+
+main()
+"""
+
+
 def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
     env = env_for(workdir)
+    bare_app = workdir / "bare_hydra_app.py"
+    bare_app.write_text(BARE_HYDRA_APP)
     cell = [sys.executable, "-m", "clipadapt.train", "dataset=synthetic", "backbone=tiny", "logger=none",
             "method=tip_adapter_f", *size.overhead_cell, f"device={args.device}"]
     timed_run([*cell, f"hydra.run.dir={workdir}/warm"], env)  # computes and caches the features
-    walls, floors, traced = [], [], None
+    walls, floors, bare, traced = [], [], [], None
     for i in range(size.overhead_repeats):  # the last run also lists its imports (-X importtime: ~5% slower)
         out, trace = workdir / f"run{i}", ["-X", "importtime"] if i == size.overhead_repeats - 1 else []
         wall, traced = timed_run([cell[0], *trace, *cell[1:], f"hydra.run.dir={out}"], env)
@@ -447,10 +462,11 @@ def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
             raise RuntimeError(f"{out}/metrics.json was not written")
         walls.append(wall)
         floors.append(timed_run([sys.executable, "-c", "import torch"], env)[0])  # the floor of a torch process
+        bare.append(timed_run([sys.executable, str(bare_app), f"hydra.run.dir={workdir}/bare{i}"], env)[0])
     modules = {m.group(1) for m in re.finditer(r"\|\s*([\w.]+)\s*$", traced.stderr, re.M)}
     heavy = sorted({name.split(".")[0] for name in modules} & set(HEAVY_MODULES))
     dynamo = "torch._dynamo" in modules  # torch.optim's optimizers import it on first use (clipadapt.optim does not)
-    best, floor = min(walls), min(floors)
+    best, floor, hydra_floor = min(walls), min(floors), min(bare)
     return [
         Row("overhead", "one cell on cached features: process start to metrics.json", "x `import torch`",
             best / floor, reference=f"`import torch` {floor:.2f} s (best of {len(floors)}, between the cells)",
@@ -458,6 +474,10 @@ def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
             note=f"{best:.2f} s, best of {len(walls)} (median {statistics.median(walls):.2f} s); synthetic, tiny "
                  f"model, {' '.join(size.overhead_cell)}; heavy imports: {', '.join(heavy) or 'none'}; "
                  f"torch._dynamo {'imported' if dynamo else 'not imported'}"),
+        Row("overhead", "a bare @hydra.main app (no config) importing torch: start to exit", "x `import torch`",
+            hydra_floor / floor, reference=f"`import torch` {floor:.2f} s",
+            note=f"{hydra_floor:.2f} s, best of {len(bare)}: Hydra's own share of the cell's start cost; the cell "
+                 f"adds {best - hydra_floor:.2f} s to it (its config, features, training, search, test, files)"),
     ]
 
 

@@ -139,20 +139,14 @@ def file_stem(path: Optional[str]) -> str:
 
 
 def register_schemas() -> None:
-    """The run schema that conf/config.yaml extends and each method's schema, by class name, that its method file
-    extends (`- /CoOpSchema@_here_`): stored outside every group, so `--help` offers none of them as a choice; and
-    the resolvers the config uses."""
-    from clipadapt import method_schemas  # imported here: it declares its fields with this module's one_of, at_least
-
+    """The run schema that conf/config.yaml extends, stored outside every group so that `--help` offers it as no
+    choice, and the resolvers the config uses. (The method schemas reach Hydra through the `clipadapt-schema`
+    config source, built only when a method file asks for its own.)"""
     OmegaConf.register_new_resolver("file_stem", file_stem, replace=True)
     OmegaConf.register_new_resolver("clipadapt.task_suffix", task_suffix, replace=True)
     OmegaConf.register_new_resolver("clipadapt.settings_suffix", settings_suffix, replace=True)
     OmegaConf.register_new_resolver("clipadapt.new_dir", new_dir, replace=True, use_cache=True)
-    store = ConfigStore.instance()
-    store.store(name="run_schema", node=RunSchema)
-    for schema in vars(method_schemas).values():
-        if isinstance(schema, type) and issubclass(schema, method_schemas.MethodSchema):
-            store.store(name=schema.__name__, node=schema)
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
 
 
 # ------------------------------------------------------------------------------------------ choices and bounds

@@ -1,7 +1,8 @@
 """Every method's options: the `Config` dataclass of each registered method, with its defaults, choices and bounds.
 
-Torch-free on purpose: `config.register_schemas` stores each schema in Hydra's ConfigStore under its class name, and
-conf/method/<name>.yaml extends it through its defaults list (`- /CoOpSchema@_here_`), so that
+Torch-free on purpose: Hydra reads each schema as a config named after its class (the `clipadapt-schema` config
+source, on the search path in conf/config.yaml), and conf/method/<name>.yaml extends it through its defaults list
+(`- /CoOpSchema@_here_`), so that
 `python -m clipadapt.train method=coop --cfg job` shows every option, `method.train.epochs=5` needs no `+`, and a
 misspelt key fails when Hydra composes the config, without importing the methods (torch) to print a config.
 The method modules import their schema from here (`Config = CoOpSchema`).
