@@ -15,12 +15,10 @@ Two parts:
   hyperparameters stack only when equal.
 
   When to stack (`stack=None`, the default): on CUDA, where a small cell's step is bound by kernel launches and C
-  cells cost one launch sequence. Not on CPU: there a vmapped step (bmm instead of C matmuls, plus the per-step
-  stacking) measured 15-20% slower than the cells' own steps (2 cores, tip_adapter_f and clip_adapter, 10-1000
-  classes); with same-shape parameters kept stacked for the fit (see StackedLosses), 16 cells of 1000-class
-  CLIP-Adapter measured 5-15% less CPU time than the same cells one after another (1 thread, a loaded machine):
-  too small and noisy a gain to change the default, so the cells of a batch train one after another.
-  `stack=True` forces it (the equivalence tests do; the bench's stacked training row).
+  cells cost one launch sequence. Not on CPU, where cells one after another give each cell's solo result bit for
+  bit, and a stacked cell equals it to float rounding only; stacking is faster there from ~100 classes (15 cells of
+  CLIP-Adapter, 2 cores: 46 against 87 ms a step at 1000 classes, 27 against 33 at 100, 40 against 36 at 10), so
+  `stack=True` (`hydra.launcher.stack=true`) is worth choosing on CPU for large-class grids.
 - `run_batch` runs whole cells (e.g. `run.run(cfg, out)`, or a Hydra job) so that their training is batched:
   each cell runs on its own thread as a coroutine (one runs at a time), and `engine.fit` inside it hands the
   method over (`engine.BATCH_HANDOFF`) and waits. When every cell has reached fit or finished, the batch is
