@@ -140,8 +140,8 @@ class CellTrainer:
         order = torch.randperm(self.n, generator=self.generator)
         views = torch.randint(*self.view_range, (self.n,), generator=self.generator)
         self.order = order.to(self.device)
-        # each image's row of the views on the device, flattened: one index_select per batch (a third of the
-        # cost of indexing [N, V, D] by image and view, per cell and step)
+        # each image's row in the flattened [N * V, D] views: a batch is one index_select (half the time of
+        # indexing [N, V, D] by image and view, which the stacked grid pays per cell and step)
         self.picks = (order * self.image.shape[1] + views - self.view_range[0]).to(self.device)
         self.cpu_order, self.cpu_views = order.numpy(), views.numpy()
         self.total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
