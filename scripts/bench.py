@@ -69,6 +69,7 @@ class Size:
     text_model: str = "RN50"  # the random-init text tower CoOp trains through (its width: 1024, as `dim`)
     budget_s: float = 60.0  # per training case
     training_repeats: int = 3  # runs per training case (of a third of its budget each): the best one counts
+    matmul_size: int = 0  # n of the n x n matmul that gives the reference rate (0: 2048 on CPU, 4096 on CUDA)
     stacked_cells: int = 16  # cells of one dataset in the training section's stacked case (5 shots x 3 seeds ~ 16)
     grid_classes: tuple[int, ...] = BENCHMARK_CLASSES
     grid_shots: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -110,8 +111,8 @@ SIZES = {
     "full": Size(),
     "gpu": Size(budget_s=6, grid_classes=(1000, 100), grid_shots=(1, 4, 16), grid_seeds=(1, 2),
                 grid_real_classes=(1000, 100), grid_compare_stacking=True, overhead_repeats=3),
-    "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=5,
-                 training_repeats=1, stacked_cells=2,
+    "tiny": Size(classes=(4,), shots=2, views=2, dim=64, tokens=4, text_model="clipadapt-tiny-vit", budget_s=2,
+                 training_repeats=1, matmul_size=256, stacked_cells=2,
                  grid_classes=(4,), grid_shots=(2,), grid_seeds=(1, 2), grid_test_per_class=2, grid_epochs=1,
                  grid_processes="seed1", grid_real_classes=(3,), grid_compare_stacking=True, overhead_repeats=1,
                  overhead_cell=("dataset.images_per_class=6", "shots=2", "features.train_views=1"),
@@ -191,11 +192,11 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device, repeats: int = 5) -> float:
+def matmul_rate(device, repeats: int = 5, n: int = 0) -> float:
     """The best fp32 dense matmul rate (FLOP/s) of this process on `device`: the machine's arithmetic limit."""
     import torch
 
-    n = 4096 if device.type == "cuda" else 2048
+    n = n or (4096 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = math.inf
@@ -283,18 +284,18 @@ def _probe_step(method, train, rows: int, device) -> tuple[int, float]:
     return counter.get_total_flops(), seconds
 
 
-def best_of_runs(run, device, repeats: int) -> tuple[float, float]:
-    """(the best wall time of `repeats` calls of `run`, the best matmul rate measured before, between and after
-    them): each the machine's speed when nothing else slows it, so their ratio holds while other load comes and
-    goes (on these shared machines the matmul rate alone moves 100-190 GFLOP/s within a minute)."""
-    rates, walls = [matmul_rate(device)], []
-    for _ in range(repeats):
+def best_of_runs(run, device, size: Size) -> tuple[float, float]:
+    """(the best wall time of the size's `training_repeats` calls of `run`, the best matmul rate measured before,
+    between and after them): each the machine's speed when nothing else slows it, so their ratio holds while other
+    load comes and goes (on these shared machines the matmul rate alone moves 100-190 GFLOP/s within a minute)."""
+    rates, walls = [matmul_rate(device, 2, size.matmul_size)], []
+    for _ in range(size.training_repeats):
         synchronize(device)
         start = time.perf_counter()
         run()
         synchronize(device)
         walls.append(time.perf_counter() - start)
-        rates.append(matmul_rate(device))
+        rates.append(matmul_rate(device, 2, size.matmul_size))
     return min(walls), max(rates)
 
 
@@ -346,7 +347,7 @@ def training_case(name: str, classes: int, size: Size, device, text_tower) -> tu
     cell = CellTrainer(method, train, seed=1)  # what engine.fit runs: features to the device, optimizer, schedule
     cell.epochs, cell.steps_per_epoch = epochs, steps
     # The steps are timed: the setup above is once per fit. Each run trains on from where the last one stopped.
-    wall, rate = best_of_runs(lambda: train_loop([cell]), device, size.training_repeats)
+    wall, rate = best_of_runs(lambda: train_loop([cell]), device, size)
 
     whole = epochs == cfg.epochs and steps == steps_per_epoch
     run = "the whole fit" if whole else f"{epochs} of {cfg.epochs} epochs" if steps == steps_per_epoch else \
@@ -385,7 +386,7 @@ def stacked_training_case(name: str, classes: int, cells: int, size: Size, devic
     for trainer in trainers:
         trainer.epochs, trainer.steps_per_epoch = 1, steps
     stacked = StackedLosses(trainers)
-    wall, rate = best_of_runs(lambda: train_loop(trainers, stacked), device, size.training_repeats)
+    wall, rate = best_of_runs(lambda: train_loop(trainers, stacked), device, size)
     stacked.release()
     note = (f"the batched grid: {plural(steps, 'step')} of each cell; {fmt_flops(step_flops)}/step/cell, "
             f"batch {batch_size}")
@@ -401,7 +402,7 @@ def bench_training(size: Size, args) -> list[Row]:
     device = device_of(args.device)
     # The first optimizer of a process imports torch._dynamo (~1 s): a cost of the process, not of any one case.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    start_rate = matmul_rate(device)
+    start_rate = matmul_rate(device, n=size.matmul_size)
     text_tower = _text_tower_factory(size, device)
     rows = []
     for name in args.methods.split(","):
@@ -422,7 +423,7 @@ def bench_training(size: Size, args) -> list[Row]:
         if name in STACKED_TRAINING:  # below the target alone: the batched grid's figure beside it
             rows.append(stacked_training_case(name, size.classes[-1], size.stacked_cells, size, device))
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    end_rate = matmul_rate(device)
+    end_rate = matmul_rate(device, n=size.matmul_size)
     for row in rows:
         if row.value is not None:
             row.reference += f", {threads} CPU thread{'s' if threads > 1 else ''}" if threads else ""
