@@ -113,13 +113,12 @@ def steps_of(optimizer_class, weight: torch.Tensor, grads: list[torch.Tensor], r
 def test_transposed_parameters_get_the_contiguous_update_without_copies(ours, theirs, options):
     torch.manual_seed(0)
     values, grads = torch.randn(2, 16, 8), [torch.randn(16, 8) for _ in range(3)]
-    reference, reference_ops = steps_of(theirs, values[1].clone(), grads, fused=True, **options)
+    reference, _ = steps_of(theirs, values[1].clone(), grads, fused=True, **options)
     on_contiguous, contiguous_ops = steps_of(ours, values[1].clone(), grads, **options)
     on_transposed, transposed_ops = steps_of(ours, transposed_slice(values), grads, **options)
     assert not on_transposed.is_contiguous()
     assert torch.equal(on_transposed, reference) and torch.equal(on_contiguous, reference)
-    assert transposed_ops == contiguous_ops  # the same kernels, no copy; torch.optim's copies them in and out:
-    assert steps_of(theirs, transposed_slice(values), grads, fused=True, **options)[1] != reference_ops
+    assert transposed_ops == contiguous_ops  # the same kernels, no copy (torch.optim's copies them in and out)
 
 
 def test_sgd_momentum_survives_a_parameter_laid_out_anew():
@@ -129,5 +128,3 @@ def test_sgd_momentum_survives_a_parameter_laid_out_anew():
     options = {"lr": 0.1, "momentum": 0.9}
     reference, _ = steps_of(torch.optim.SGD, weight.clone(), grads, fused=True, **options)
     assert torch.equal(steps_of(FusedSGD, weight.clone(), grads, relayout_at=2, **options)[0], reference)
-    assert not torch.equal(steps_of(torch.optim.SGD, weight.clone(), grads, relayout_at=2, fused=True,
-                                    **options)[0], reference)
