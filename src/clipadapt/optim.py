@@ -46,24 +46,28 @@ def _permuted(tensors: list, orders: list[list[int]]) -> list:
     return [t if t is None else t.permute(order) for t, order in zip(tensors, orders, strict=True)]
 
 
-class _WithoutDynamo:
-    """The undecorated bodies of torch.optim.Optimizer's dynamo-guarded methods (the guard is functools.wraps'd)."""
+class _FusedWithoutDynamo:
+    """fused=True, and the undecorated bodies of torch.optim.Optimizer's dynamo-guarded methods (the guard is
+    functools.wraps'd). `step` takes no closure: compute the loss and call backward() first."""
 
     if SUPPORTED:
         add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
         zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
 
-
-class FusedAdamW(_WithoutDynamo, torch.optim.AdamW):
-    """torch.optim.AdamW(..., fused=True); `step` is AdamW.step's fused branch."""
-
     def __init__(self, params, **options):
         super().__init__(params, fused=True, **options)
 
+    def _refuse(self, closure) -> None:
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__}.step takes no closure: compute the loss and call backward() first")
+
+
+class FusedAdamW(_FusedWithoutDynamo, torch.optim.AdamW):
+    """torch.optim.AdamW(..., fused=True); `step` is AdamW.step's fused branch."""
+
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("FusedAdamW.step takes no closure: compute the loss and call backward() first")
+        self._refuse(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
@@ -79,16 +83,12 @@ class FusedAdamW(_WithoutDynamo, torch.optim.AdamW):
                         capturable=False, differentiable=False, decoupled_weight_decay=True)
 
 
-class FusedSGD(_WithoutDynamo, torch.optim.SGD):
+class FusedSGD(_FusedWithoutDynamo, torch.optim.SGD):
     """torch.optim.SGD(..., fused=True); `step` is SGD.step's fused branch, momentum buffers kept in the state."""
-
-    def __init__(self, params, **options):
-        super().__init__(params, fused=True, **options)
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("FusedSGD.step takes no closure: compute the loss and call backward() first")
+        self._refuse(closure)
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             has_sparse_grad = self._init_group(group, params, grads, buffers)

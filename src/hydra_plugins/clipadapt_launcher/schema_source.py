@@ -21,14 +21,12 @@ class SchemaConfigSource(ConfigSource):
     def scheme() -> str:
         return "clipadapt-schema"
 
-    def _schemas(self) -> dict:
-        module = importlib.import_module(self.path)
-        return {name: value for name, value in vars(module).items()
-                if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__}
+    def _is_schema(self, value: object) -> bool:
+        return isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == self.path
 
     def _schema(self, config_path: str) -> Optional[type]:
-        name = config_path.strip("/")
-        return self._schemas().get(name[: -len(".yaml")] if name.endswith(".yaml") else name)
+        value = getattr(importlib.import_module(self.path), config_path.strip("/").removesuffix(".yaml"), None)
+        return value if self._is_schema(value) else None
 
     def load_config(self, config_path: str) -> ConfigResult:
         schema = self._schema(config_path)
@@ -49,4 +47,5 @@ class SchemaConfigSource(ConfigSource):
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
         if not self.is_group(config_path) or results_filter not in (None, ObjectType.CONFIG):
             return []
-        return sorted(self._schemas())
+        return sorted(name for name, value in vars(importlib.import_module(self.path)).items()
+                      if self._is_schema(value))
