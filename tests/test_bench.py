@@ -42,9 +42,16 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
     stacked = [r for r in by_section["training"] if "cells stacked" in r["case"]]  # the batched grid's figure
     assert [r["case"] for r in stacked] == ["clip_adapter, 4 classes, 2 cells stacked"] and stacked[0]["value"] > 0
     assert all(r["value"] > 0 for r in rows if r["value"] is not None)
-    overhead = by_section["overhead"][0]
+    overhead, quick_exit, bare_hydra = by_section["overhead"]
     assert "heavy imports: none" in overhead["note"]  # a cached run loads no model code
     assert overhead["figure"] == "x `import torch`" and "torch._dynamo not imported" in overhead["note"]
+    # the same cell's wall over each reference's: the three rows divide one wall by three measured floors
+    cell_wall = float(re.match(r"([\d.]+) s, best of", overhead["note"]).group(1))
+    for row in (overhead, quick_exit):
+        floor = float(re.search(r"` ([\d.]+) s \(best of", row["reference"]).group(1))
+        assert row["value"] == pytest.approx(cell_wall / floor, abs=0.02)
+    assert quick_exit["reference"].startswith("`import torch, gc; gc.freeze()`")
+    assert "bare @hydra.main app" in bare_hydra["case"] and bare_hydra["value"] > 0
     evaluating, training = by_section["memory"]  # streaming a dense cache: evaluation, then CALIP-FS training
     assert training["case"].startswith("CALIP-FS training over a dense train cache of 64 images x 3 views")
     assert "1 epoch, 2 steps of 32" in training["note"]

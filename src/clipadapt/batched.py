@@ -235,7 +235,8 @@ class StackedLosses:
                 self._state(cells), image, dense, labels)
         logits = self.logits(cells, [batch for batch, _ in batches])
         per_row = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        mask = torch.arange(labels.shape[1], device=labels.device)[None] < torch.tensor(rows, device=labels.device)[:, None]
+        counts = torch.tensor(rows, device=labels.device)[:, None]
+        mask = torch.arange(labels.shape[1], device=labels.device)[None] < counts
         return (per_row * mask).sum(1) / mask.sum(1)
 
 

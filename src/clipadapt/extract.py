@@ -7,7 +7,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from clipadapt.app import CONFIG_DIR, guarded, output_dir
+from clipadapt.app import CONFIG_DIR, guarded, output_dir, run_then_exit_quickly
 from clipadapt.config import check_options
 
 log = logging.getLogger("clipadapt.extract")  # also when run as __main__
@@ -39,4 +39,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit_quickly(main)

@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from clipadapt.app import CONFIG_DIR, fit_to_launcher, guarded, in_multirun, output_dir
+from clipadapt.app import CONFIG_DIR, fit_to_launcher, guarded, in_multirun, output_dir, run_then_exit_quickly
 from clipadapt.config import check_options
 
 log = logging.getLogger(__name__)
@@ -34,4 +34,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit_quickly(main)
