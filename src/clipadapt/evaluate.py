@@ -152,4 +152,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from clipadapt.app import run_then_exit_quickly
+
+    sys.exit(run_then_exit_quickly(main))
