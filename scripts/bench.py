@@ -359,6 +359,32 @@ def training_case(name: str, classes: int, size: Size, device, text_tower) -> tu
         wall / (epochs * steps)
 
 
+def timed_matmuls(run, device) -> tuple[float, float]:
+    """(seconds, FLOPs) of the dense matmuls (aten.mm, aten.bmm) that `run` calls, each timed where it runs: how
+    fast the step's own matmul shapes go, beside the square matmul's reference rate."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default}
+    totals = [0.0, 0.0]
+
+    class Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in matmuls:
+                return func(*args, **(kwargs or {}))
+            synchronize(device)
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            synchronize(device)
+            totals[0] += time.perf_counter() - start
+            totals[1] += 2 * math.prod(out.shape) * args[0].shape[-1]
+            return out
+
+    with Timed():
+        run()
+    return totals[0], totals[1]
+
+
 def stacked_training_case(name: str, classes: int, cells: int, size: Size, device) -> Row:
     """`cells` cells of one dataset (seeds 1..cells) trained as one stacked model (launcher=batched with
     hydra.launcher.stack=true), its efficiency over all cells' FLOPs: the batched grid's figure beside one cell's."""
@@ -389,9 +415,15 @@ def stacked_training_case(name: str, classes: int, cells: int, size: Size, devic
         trainer.epochs, trainer.steps_per_epoch = 1, steps
     stacked = StackedLosses(trainers)
     wall, rate = best_of_runs(lambda: train_loop(trainers, stacked), device, size)
+    # Where the step's time goes: a few more steps with each matmul timed (the other ops run as they do).
+    probed = min(steps, 8)
+    for trainer in trainers:
+        trainer.steps_per_epoch = probed
+    matmul_s, matmul_flops = timed_matmuls(lambda: train_loop(trainers, stacked), device)
     stacked.release()
     note = (f"the batched grid: {plural(steps, 'step')} of each cell; {fmt_flops(step_flops)}/step/cell, "
-            f"batch {batch_size}")
+            f"batch {batch_size}; its matmuls (mm, bmm) take {matmul_s / probed / (wall / steps):.0%} of a step "
+            f"and run at {matmul_flops / matmul_s / rate:.2f} of the reference rate")
     return efficiency_row(f"{name}, {classes} classes, {cells} cells stacked", classes, cells * steps * step_flops,
                           wall, rate, size.training_repeats, note)
 

@@ -41,6 +41,9 @@ def test_bench_runs_every_section_at_a_tiny_size(tmp_path):
     assert trained == {"tip_adapter_f", "clip_adapter", "calip_fs", "coop"} & set(METHODS)
     stacked = [r for r in by_section["training"] if "cells stacked" in r["case"]]  # the batched grid's figure
     assert [r["case"] for r in stacked] == ["clip_adapter, 4 classes, 2 cells stacked"] and stacked[0]["value"] > 0
+    share, matmul_rate = re.search(r"its matmuls \(mm, bmm\) take (\d+)% of a step and run at ([\d.]+) of the "
+                                   r"reference rate", stacked[0]["note"]).groups()
+    assert int(share) > 0 and float(matmul_rate) > 0  # the step's own matmuls were found and timed
     assert all(r["value"] > 0 for r in rows if r["value"] is not None)
     overhead, quick_exit, bare_hydra = by_section["overhead"]
     assert "heavy imports: none" in overhead["note"]  # a cached run loads no model code
