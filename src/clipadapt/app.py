@@ -64,11 +64,11 @@ def guarded(job: Callable[[], object]) -> object:
 def run_then_exit_quickly(main: Callable[[], object]) -> object:
     """Run an entrypoint, then spare the interpreter's exit the collection of torch's objects.
 
-    At exit CPython's last garbage collections walk and free the ~170,000 objects that `import torch` made: 0.3-0.6 s
-    of every process on these machines (`python -c "import torch"` 1.5-1.9 s, 1.1-1.4 s with gc.freeze() before
-    it ends), paid by every cell a process-per-cell launcher starts. gc.freeze() puts them out of the collector's
-    reach. Only cyclic garbage goes uncollected: atexit handlers (logging's flush and close, W&B's finish) and module
-    teardown still run, and the memory goes back with the process.
+    At exit CPython's last garbage collections walk and free the ~166,000 objects that `import torch` made: 0.2-0.6 s
+    of every process on these machines (`python -c "import torch"` 1.4-1.9 s, 1.1-1.4 s with gc.freeze() before it
+    ends; bench, overhead), paid by every cell a process-per-cell launcher starts. gc.freeze() puts them out of the
+    collector's reach. Only cyclic garbage goes uncollected: atexit handlers (logging's flush and close, W&B's
+    finish) and module teardown still run, and the memory goes back with the process.
     """
     result = main()
     gc.freeze()
