@@ -13,9 +13,10 @@ Sections (memory and extraction each in a fresh process, so that the peak reside
               best dense fp32 matmul rate measured in this process around the case's runs, divided by the best
               wall time of its steps of three runs (1: the machine's matmul limit). A case whose full fit would
               take longer than a third of --budget runs fewer steps (said in the table).
-  overhead    process start to metrics.json of one small cell on cached features (python -m clipadapt.train),
-              beside `import torch` alone and a bare @hydra.main app that imports torch (Hydra's own floor), best
-              of 9 each; and which heavy modules (open_clip, torchvision, wandb) the cell imported.
+  overhead    process start to exit (metrics.json written) of one small cell on cached features (python -m
+              clipadapt.train), beside `import torch` alone; beside `import torch` ending as the cell does, without
+              the last garbage collection; and a bare @hydra.main app that imports torch and ends so (Hydra's own
+              floor); best of 9 each; and which heavy modules (open_clip, torchvision, wandb) the cell imported.
   grid        cells per minute of tip_adapter_f over 11 synthetic feature sets with the benchmark datasets' class
               counts x 5 shots x 3 seeds: the batched launcher (one process) vs one process per cell, with 2 epochs
               and no search; again with the configured recipe (20 epochs, the alpha/beta search) on those class

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import math
 from contextvars import ContextVar
+from functools import cache
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -186,6 +187,7 @@ def own_losses(cells: list[CellTrainer], batches: list[tuple[Batch, torch.Tensor
     return torch.stack([cell.method.loss(batch, labels) for cell, (batch, labels) in zip(cells, batches)])
 
 
+@cache  # a setting of the process: once is enough, however many fits it runs
 def reuse_freed_memory() -> None:
     """glibc's malloc: no more fresh mmaps for blocks over 32 MB, and freed memory is kept for reuse.
 
