@@ -487,7 +487,7 @@ gc.freeze()
 """
 
 
-# `import torch` ending as clipadapt's entrypoints do (app.run_then_exit_quickly): without the last collection.
+# `import torch` ending as clipadapt's entrypoints do (app.as_command): without the last collection.
 QUICK_EXIT_TORCH = "import torch, gc; gc.freeze()"
 
 
@@ -522,7 +522,7 @@ def bench_overhead(size: Size, args, workdir: Path) -> list[Row]:
         Row("overhead", "the same cell against `import torch` that also skips the last garbage collection",
             "x `import torch`, quick exit", best / quick_floor,
             reference=f"`{QUICK_EXIT_TORCH}` {quick_floor:.2f} s (best of {len(quick_floors)})",
-            note=f"the cell ends as app.run_then_exit_quickly does; `import torch` spends {floor - quick_floor:.2f} s "
+            note=f"the cell ends as app.as_command does; `import torch` spends {floor - quick_floor:.2f} s "
                  "of its process in that collection: this row is the cell's cost over the import alone"),
         Row("overhead", "a bare @hydra.main app (no config) importing torch, same quick exit: start to exit",
             "x `import torch`, quick exit", hydra_floor / quick_floor,

@@ -9,11 +9,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from clipadapt.app import CONFIG_DIR
-from clipadapt.config import check_options
+from clipadapt.config import ConfigError, check_options, compose_error_line
 from clipadapt.methods.base import method_config
 
 
@@ -67,6 +67,29 @@ def test_bad_options_fail_at_compose(composer, overrides, message):
         composer(overrides)
     text = str(error.value) + str(error.value.__cause__ or "")
     assert message in text
+
+
+@pytest.mark.parametrize("override,line", [
+    ("method=tip_adaptr", "method=tip_adaptr: no such option; did you mean tip_adapter? (calip, calip_fs, "),
+    ("dataset=euroSAT", "dataset=euroSAT: no such option; did you mean eurosat? (caltech101, "),
+    ("method.train.epoch=3", "method.train.epoch: Key 'epoch' not in 'TrainSchema'; did you mean epochs? "),
+    ("methd=coop", "methd: Key 'methd' not in 'RunSchema'; did you mean method? "),
+    ("shots=abc", "shots=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("shots=[1", "shots=[1: no viable alternative at input '[1' (override syntax: https://hydra.cc/"),
+])
+def test_a_config_that_does_not_compose_is_one_line_naming_the_closest_name(composer, override, line):
+    with pytest.raises((ConfigCompositionException, OverrideParseException)) as error:
+        composer([override])
+    text = compose_error_line(error.value)
+    assert text.startswith(line) and "\n" not in text and "+" not in text  # not Hydra's advice to append the key
+
+
+def test_keys_forced_in_with_plus_are_refused_not_ignored(composer):
+    cfg = composer(["+shot=4", "+features.train_view=2", "+sweep=grid"])
+    with pytest.raises(ConfigError) as error:
+        check_options(cfg)
+    assert str(error.value) == ("features.train_view: no such option; did you mean train_views?; "
+                                "shot: no such option; did you mean shots?")
 
 
 def test_unknown_group_option_names_the_choices(composer):

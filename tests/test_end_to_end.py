@@ -31,7 +31,7 @@ def test_train_entrypoint_writes_metrics(tmp_path):
     assert len(metrics["draw"]["train"]) == 2 * 10  # 2 shots x 10 synthetic classes
     assert set(metrics["chosen"]) >= {"alpha", "beta"}
     assert (tmp_path / "cache" / "synthetic" / "tiny").is_dir()
-    # the process exits without its last garbage collection (app.run_then_exit_quickly): the log is still whole
+    # the process exits without its last garbage collection (app.as_command): the log is still whole
     closing = f"test/acc {metrics['test/acc']:.2f}"
     assert closing in result.stderr.splitlines()[-1]
     assert closing in (tmp_path / "out" / "train.log").read_text().splitlines()[-1]

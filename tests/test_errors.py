@@ -17,10 +17,12 @@ from clipadapt.run import run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CLIPADAPT_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "clipadapt.train", "logger=none", f"hydra.run.dir={tmp_path}/out",
-                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m clipadapt.train` in its own CLIPADAPT_HOME; `args`: flags (`-m`, `--cfg job`) first, then overrides."""
+    env = {**os.environ, "CLIPADAPT_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env}
+    return subprocess.run([sys.executable, "-m", "clipadapt.train", *args, "logger=none", f"hydra.run.dir={tmp_path}/out",
+                           f"hydra.sweep.dir={tmp_path}/out"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_missing_data_root_is_one_line_naming_the_fix(tmp_path):
@@ -31,6 +33,22 @@ def test_missing_data_root_is_one_line_naming_the_fix(tmp_path):
     assert "eurosat" in errors[0] and "python -m clipadapt.prepare eurosat" in errors[0]
     assert json.loads((tmp_path / "out" / "error.json").read_text())["error"].startswith("DatasetError")
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("args", [["method=tip_adaptr"], ["-m", "method=coop,tip_adaptr"], ["--cfg", "job", "method=tip_adaptr"]])
+def test_a_config_that_does_not_compose_ends_in_one_line(tmp_path, args):
+    """Run, sweep or print: Hydra's report of many lines becomes one, exit status 2, nothing written."""
+    result = cli(tmp_path, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ConfigError: method=tip_adaptr: no such option; did you mean tip_adapter? (")
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_hydra_full_error_still_shows_hydras_traceback(tmp_path):
+    result = cli(tmp_path, "methd=coop", HYDRA_FULL_ERROR="1")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ConfigCompositionException: Could not override 'methd'" in result.stderr
 
 
 def test_missing_split_file_names_file_and_source(tiny_config, tmp_path):

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clipadapt.config import register_schemas
+from clipadapt.config import compose_error_line, register_schemas
 from clipadapt.files import CONFIG_DIR, write_json_atomic
 
-__all__ = ["CONFIG_DIR", "fit_to_launcher", "guarded", "in_multirun", "output_dir", "run_then_exit_quickly"]
+__all__ = ["CONFIG_DIR", "as_command", "error_line", "fit_to_launcher", "guarded", "in_multirun", "output_dir"]
 
 log = logging.getLogger("clipadapt")
 
@@ -52,7 +54,7 @@ def guarded(job: Callable[[], object]) -> object:
     try:
         return job()
     except Exception as error:  # noqa: BLE001 - every failure is recorded, then reported
-        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        message = error_line(error)
         record = output_dir() / "error.json"
         write_json_atomic(record, {"error": message, "traceback": traceback.format_exc()})
         log.error("%s (traceback in %s)", message, record)
@@ -61,15 +63,39 @@ def guarded(job: Callable[[], object]) -> object:
         sys.exit(2)
 
 
-def run_then_exit_quickly(main: Callable[[], object]) -> object:
-    """Run an entrypoint, then spare the interpreter's exit the collection of torch's objects.
+def error_line(error: BaseException) -> str:
+    """An error in one line: a config that does not compose as `ConfigError: <what, the closest valid name>`."""
+    if isinstance(error, (ConfigCompositionException, OverrideParseException)):
+        return f"ConfigError: {compose_error_line(error)}"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
-    At exit CPython's last garbage collections walk and free the ~166,000 objects that `import torch` made: 0.2-0.6 s
-    of every process on these machines (`python -c "import torch"` 1.4-1.9 s, 1.1-1.4 s with gc.freeze() before it
-    ends; bench, overhead), paid by every cell a process-per-cell launcher starts. gc.freeze() puts them out of the
-    collector's reach. Only cyclic garbage goes uncollected: atexit handlers (logging's flush and close, W&B's
-    finish) and module teardown still run, and the memory goes back with the process.
+
+def as_command(main: Callable[[], int | None]) -> Callable[[], int | None]:
+    """`main` (a Hydra entrypoint, or one that composes configs itself) as a command: its console script and
+    `python -m` call this. A config that does not compose (a misspelt option, key or value) ends in one line naming
+    the closest valid name, exit status 2 (Hydra prints many lines, exit status 1; HYDRA_FULL_ERROR=1 still gets its
+    traceback). Then the process ends without the interpreter's last garbage collections: they walk and free the
+    ~166,000 objects that `import torch` made, 0.2-0.6 s of every process on these machines (`python -c "import
+    torch"` 1.4-1.9 s, 1.1-1.4 s with gc.freeze() before it ends; bench, overhead), paid by every cell a
+    process-per-cell launcher starts. gc.freeze() puts them out of the collector's reach; atexit handlers (logging's
+    flush and close, W&B's finish) and module teardown still run, and the memory goes back with the process.
     """
-    result = main()
-    gc.freeze()
-    return result
+
+    def command() -> int | None:
+        before = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it would print: reported below, in one line
+        try:
+            status = main()
+        except (ConfigCompositionException, OverrideParseException) as error:
+            if before not in (None, "0"):  # the user asked for Hydra's traceback
+                raise
+            print(error_line(error), file=sys.stderr)
+            status = 2
+        finally:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+            if before is not None:
+                os.environ["HYDRA_FULL_ERROR"] = before
+        gc.freeze()
+        return status
+
+    return command

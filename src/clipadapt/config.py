@@ -9,11 +9,12 @@ for method schemas as well.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Iterable, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -153,16 +154,57 @@ def register_schemas() -> None:
 
 
 def option_errors(schema: type, node: DictConfig, prefix: str = "") -> list[str]:
-    """One line per option of `node` outside what its field in `schema` (a dataclass, nested ones included) allows."""
+    """One line per option of `node` outside what its field in `schema` (a dataclass, nested ones included) allows,
+    and per key the schema does not have (forced in with `+`, which Hydra allows: `+shot=4` would change nothing)."""
     errors = []
     types = get_type_hints(schema)
+    names = [spec.name for spec in fields(schema)]
     for spec in fields(schema):
         key, value = f"{prefix}{spec.name}", node.get(spec.name)
         if is_dataclass(types[spec.name]) and isinstance(value, DictConfig):
             errors += option_errors(types[spec.name], value, f"{key}.")
         elif (allowed := _violation(_rule(schema, spec.name), value)) is not None:
             errors.append(f"{key}={value}: {allowed}")
+    for name in node:
+        if name not in names and not (name == "hydra" and not prefix):  # Hydra's own node, in a sweep cell's config
+            errors.append(f"{prefix}{name}: no such option{did_you_mean(str(name), names)}")
     return errors
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`; did you mean <the closest choice>?`, or nothing when no choice is close."""
+    by_case = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(name.lower(), by_case, n=1)
+    return f"; did you mean {by_case[close[0]]}?" if close else ""
+
+
+def compose_error_line(error: BaseException) -> str:
+    """One line for a config that does not compose: what is wrong, the closest valid name, where to look.
+
+    Hydra's own report of these spans many lines (every option of a group, the config search path) and, for a
+    misspelt key, advises `+key=value`, which adds a key nothing reads.
+    """
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    first, cause = _first_line(error), error.__cause__
+    if isinstance(error, MissingConfigException) and error.options and "/" in (error.missing_cfg_file or ""):
+        group, name = error.missing_cfg_file.rsplit("/", 1)
+        return f"{group}={name}: no such option{did_you_mean(name, error.options)} ({', '.join(error.options)})"
+    if isinstance(error, OverrideParseException):
+        return f"{error.override}: {first} (override syntax: https://hydra.cc/docs/advanced/override_grammar/basic/)"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        known = list(cause.parent_node) if isinstance(cause.parent_node, DictConfig) else []
+        return (f"{cause.full_key}: {_first_line(cause)}{did_you_mean(str(cause.key), known)} "
+                f"(`--cfg job` lists every option)")
+    if cause is not None:
+        merging = re.fullmatch(r"Error merging override (.+)", first)
+        return f"{merging.group(1) if merging else first}: {_first_line(cause)}"
+    return first
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
 def _rule(schema: type, name: str) -> dict:

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clipadapt import protocols, trained_state
+from clipadapt.app import as_command, error_line
 from clipadapt.data.benchmarks import IMAGENET_VARIANTS
 
 USAGE = "usage: python -m clipadapt.evaluate RUN_DIR [dataset=<id>] [protocol.targets=[a,b]] [key=value ...]"
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, scores, metrics = evaluate(Path(args[0]), args[1:])
     except Exception as error:  # noqa: BLE001 - one line, like a failing run (app.guarded)
-        print(f"evaluate: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        print(f"evaluate: {error_line(error)}", file=sys.stderr)
         return 2
     print("\n".join(report(scores, metrics)))
     return 0
 
 
-if __name__ == "__main__":
-    from clipadapt.app import run_then_exit_quickly
+command = as_command(main)  # `clipadapt-evaluate` and `python -m clipadapt.evaluate`
 
-    sys.exit(run_then_exit_quickly(main))
+if __name__ == "__main__":
+    sys.exit(command())

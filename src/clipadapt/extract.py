@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from clipadapt.app import CONFIG_DIR, guarded, output_dir, run_then_exit_quickly
+from clipadapt.app import CONFIG_DIR, as_command, guarded, output_dir
 from clipadapt.config import check_options
 
 log = logging.getLogger("clipadapt.extract")  # also when run as __main__
@@ -38,5 +39,7 @@ def main(cfg: DictConfig) -> None:
     guarded(lambda: run_cell(cfg, output_dir(), lambda: extract(cfg), skip_done=False))
 
 
+command = as_command(main)  # `clipadapt-extract` and `python -m clipadapt.extract`
+
 if __name__ == "__main__":
-    run_then_exit_quickly(main)
+    sys.exit(command())

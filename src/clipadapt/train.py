@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from clipadapt.app import CONFIG_DIR, fit_to_launcher, guarded, in_multirun, output_dir, run_then_exit_quickly
+from clipadapt.app import CONFIG_DIR, as_command, fit_to_launcher, guarded, in_multirun, output_dir
 from clipadapt.config import check_options
 
 log = logging.getLogger(__name__)
@@ -33,5 +33,7 @@ def main(cfg: DictConfig) -> float | None:
     return None if metrics is None else metrics["test/acc"]
 
 
+command = as_command(main)  # `clipadapt-train` and `python -m clipadapt.train`
+
 if __name__ == "__main__":
-    run_then_exit_quickly(main)
+    sys.exit(command())
