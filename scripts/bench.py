@@ -435,8 +435,6 @@ def bench_training(size: Size, args) -> list[Row]:
     from clipadapt.methods import METHODS
 
     device = device_of(args.device)
-    # The first optimizer of a process imports torch._dynamo (~1 s): a cost of the process, not of any one case.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     start_rate = matmul_rate(device, n=size.matmul_size)
     text_tower = _text_tower_factory(size, device)
     rows = []

@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m clipadapt.train` in its own CLIPADAPT_HOME; `args`: flags (`-m`, `--cfg job`) first, then overrides."""
+    """`python -m clipadapt.train` in its own CLIPADAPT_HOME; `args`: flags (`-m`, `--cfg job`), then overrides."""
     env = {**os.environ, "CLIPADAPT_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **env}
-    return subprocess.run([sys.executable, "-m", "clipadapt.train", *args, "logger=none", f"hydra.run.dir={tmp_path}/out",
-                           f"hydra.sweep.dir={tmp_path}/out"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    command = [sys.executable, "-m", "clipadapt.train", *args, "logger=none", f"hydra.run.dir={tmp_path}/out",
+               f"hydra.sweep.dir={tmp_path}/out"]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_missing_data_root_is_one_line_naming_the_fix(tmp_path):
@@ -35,7 +35,9 @@ def test_missing_data_root_is_one_line_naming_the_fix(tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("args", [["method=tip_adaptr"], ["-m", "method=coop,tip_adaptr"], ["--cfg", "job", "method=tip_adaptr"]])
+@pytest.mark.parametrize("args", [
+    ["method=tip_adaptr"], ["-m", "method=coop,tip_adaptr"], ["--cfg", "job", "method=tip_adaptr"],
+])
 def test_a_config_that_does_not_compose_ends_in_one_line(tmp_path, args):
     """Run, sweep or print: Hydra's report of many lines becomes one, exit status 2, nothing written."""
     result = cli(tmp_path, *args)
