@@ -47,6 +47,16 @@ def test_a_config_that_does_not_compose_ends_in_one_line(tmp_path, args):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script", ["clipadapt-train", "clipadapt-extract"])
+def test_console_scripts_are_the_same_commands(tmp_path, script):
+    """pyproject's console scripts call what `python -m` does (app.as_command), so a typo ends the same way."""
+    env = {**os.environ, "CLIPADAPT_HOME": str(tmp_path)}
+    result = subprocess.run([str(Path(sys.executable).parent / script), "dataset=euroSAT"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("ConfigError: dataset=euroSAT: no such option; did you mean eurosat? (")
+
+
 def test_hydra_full_error_still_shows_hydras_traceback(tmp_path):
     result = cli(tmp_path, "methd=coop", HYDRA_FULL_ERROR="1")
     assert result.returncode == 1
