@@ -76,12 +76,14 @@ def test_bad_options_fail_at_compose(composer, overrides, message):
     ("methd=coop", "methd: Key 'methd' not in 'RunSchema'; did you mean method? "),
     ("shots=abc", "shots=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     ("shots=[1", "shots=[1: no viable alternative at input '[1' (override syntax: https://hydra.cc/"),
+    ("+shots=4", "Could not append to config. An item is already at 'shots': set it without the leading +"),
+    ("+dataset=dtd", "Multiple values for dataset: set it without the leading +"),
 ])
 def test_a_config_that_does_not_compose_is_one_line_naming_the_closest_name(composer, override, line):
     with pytest.raises((ConfigCompositionException, OverrideParseException)) as error:
         composer([override])
     text = compose_error_line(error.value)
-    assert text.startswith(line) and "\n" not in text and "+" not in text  # not Hydra's advice to append the key
+    assert text.startswith(line) and "\n" not in text and "use +" not in text  # not Hydra's advice to append the key
 
 
 def test_keys_forced_in_with_plus_are_refused_not_ignored(composer):

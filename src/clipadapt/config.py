@@ -182,7 +182,7 @@ def compose_error_line(error: BaseException) -> str:
     """One line for a config that does not compose: what is wrong, the closest valid name, where to look.
 
     Hydra's own report of these spans many lines (every option of a group, the config search path) and, for a
-    misspelt key, advises `+key=value`, which adds a key nothing reads.
+    misspelt key, advises `+key=value`: a key that no code reads (`check_options` refuses it).
     """
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -200,6 +200,9 @@ def compose_error_line(error: BaseException) -> str:
     if cause is not None:
         merging = re.fullmatch(r"Error merging override (.+)", first)
         return f"{merging.group(1) if merging else first}: {_first_line(cause)}"
+    appended = re.match(r"Could not append to config\. An item is already at '[^']*'|Multiple values for [^.]*", first)
+    if appended:  # Hydra's advice here ("use 'override dataset: dtd'") is for a defaults list
+        return f"{appended.group(0)}: set it without the leading +"
     return first
 
 
@@ -234,8 +237,9 @@ def _violation(rule: dict, value: Any) -> str | None:
 
 def check_options(cfg: DictConfig) -> None:
     """Every enumerated or bounded option of a run config, the method's against its own schema, checked once at
-    start: ConfigError with all the offending options on one line (a misspelt method option or a wrong type fails
-    earlier, when Hydra composes; one forced in with `+` fails in methods.base.method_config)."""
+    start: ConfigError with all the offending options on one line. A misspelt key or a wrong type fails earlier, when
+    Hydra composes; a key forced in with `+` fails here (`option_errors`, or methods.base.method_config for the
+    method's)."""
     from clipadapt.methods.base import method_config  # imports the methods (torch): only where a cell starts
 
     method = method_config(cfg.method)
