@@ -355,3 +355,12 @@ def test_imagenet_official_archives_are_checked_and_unpacked(tmp_path, server, m
     assert [i.label for i in dataset.test] == sorted(label - 1 for label in val_labels)
     assert dataset.test[0].path == "val/n01440764/ILSVRC2012_val_00000002.JPEG"  # ground truth 1 -> wnids[0]
     assert all((data / "imagenet" / name).is_file() for name in archives)  # a person's files stay
+
+
+def test_an_unknown_dataset_is_one_line_naming_the_closest(capsys):
+    with pytest.raises(SystemExit) as end:
+        prepare.main(["eurosatt", "dtd"])
+    assert end.value.code == 2
+    line = capsys.readouterr().err
+    assert line.startswith("error: unknown dataset 'eurosatt' (did you mean eurosat?): use `all` or some of eurosat, ")
+    assert line.count("\n") == 1

@@ -171,11 +171,17 @@ def option_errors(schema: type, node: DictConfig, prefix: str = "") -> list[str]
     return errors
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """`; did you mean <the closest choice>?`, or nothing when no choice is close."""
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to a misspelt `name` (case aside), or None when none is close."""
     by_case = {choice.lower(): choice for choice in choices}
     close = difflib.get_close_matches(name.lower(), by_case, n=1)
-    return f"; did you mean {by_case[close[0]]}?" if close else ""
+    return by_case[close[0]] if close else None
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`; did you mean <the closest choice>?`, or nothing when no choice is close."""
+    match = closest(name, choices)
+    return f"; did you mean {match}?" if match else ""
 
 
 def compose_error_line(error: BaseException) -> str:

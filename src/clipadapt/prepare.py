@@ -37,6 +37,7 @@ from typing import Callable
 from filelock import FileLock
 from omegaconf import DictConfig
 
+from clipadapt.config import closest
 from clipadapt.data import DatasetError, build_dataset, read_split_file
 from clipadapt.data.benchmarks import PROTOCOL_SIZES, Sizes, dataset_config, read_classnames, sizes_of
 from clipadapt.data.registry import dataset_root
@@ -544,7 +545,10 @@ def _ids(names: list[str]) -> list[str]:
         return list(RECIPES)
     unknown = [name for name in names if name not in RECIPES]
     if unknown:
-        raise SystemExit(f"error: unknown dataset(s) {unknown}: use `all` or some of {list(RECIPES)}")
+        named = ", ".join(f"{name!r} (did you mean {match}?)" if (match := closest(name, RECIPES)) else repr(name)
+                          for name in unknown)
+        print(f"error: unknown dataset {named}: use `all` or some of {', '.join(RECIPES)}", file=sys.stderr)
+        raise SystemExit(2)
     return names
 
 
