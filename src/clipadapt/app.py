@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clipadapt.config import compose_error_line, register_schemas
+from clipadapt.config import COMPOSE_ERRORS, error_line, register_schemas
 from clipadapt.files import CONFIG_DIR, write_json_atomic
 
-__all__ = ["CONFIG_DIR", "as_command", "error_line", "fit_to_launcher", "guarded", "in_multirun", "output_dir"]
+__all__ = ["CONFIG_DIR", "as_command", "fit_to_launcher", "guarded", "in_multirun", "output_dir"]
 
 log = logging.getLogger("clipadapt")
 
@@ -63,13 +62,6 @@ def guarded(job: Callable[[], object]) -> object:
         sys.exit(2)
 
 
-def error_line(error: BaseException) -> str:
-    """An error in one line: a config that does not compose as `ConfigError: <what, the closest valid name>`."""
-    if isinstance(error, (ConfigCompositionException, OverrideParseException)):
-        return f"ConfigError: {compose_error_line(error)}"
-    return f"{type(error).__name__}: {error}".splitlines()[0]
-
-
 def as_command(main: Callable[[], int | None]) -> Callable[[], int | None]:
     """`main` (a Hydra entrypoint, or one that composes configs itself) as a command: its console script and
     `python -m` call this. A config that does not compose (a misspelt option, key or value) ends in one line naming
@@ -86,7 +78,7 @@ def as_command(main: Callable[[], int | None]) -> Callable[[], int | None]:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it would print: reported below, in one line
         try:
             status = main()
-        except (ConfigCompositionException, OverrideParseException) as error:
+        except COMPOSE_ERRORS as error:
             if before not in (None, "0"):  # the user asked for Hydra's traceback
                 raise
             print(error_line(error), file=sys.stderr)

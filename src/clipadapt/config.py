@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 
 class ConfigError(ValueError):
@@ -184,15 +186,22 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean {match}?" if match else ""
 
 
+COMPOSE_ERRORS = (ConfigCompositionException, OverrideParseException)  # a config that does not compose
+
+
+def error_line(error: BaseException) -> str:
+    """Any error in one line; a config that does not compose as `ConfigError: <what, the closest valid name>`."""
+    if isinstance(error, COMPOSE_ERRORS):
+        return f"ConfigError: {compose_error_line(error)}"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def compose_error_line(error: BaseException) -> str:
     """One line for a config that does not compose: what is wrong, the closest valid name, where to look.
 
     Hydra's own report of these spans many lines (every option of a group, the config search path) and, for a
     misspelt key, advises `+key=value`: a key that no code reads (`check_options` refuses it).
     """
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
     first, cause = _first_line(error), error.__cause__
     if isinstance(error, MissingConfigException) and error.options and "/" in (error.missing_cfg_file or ""):
         group, name = error.missing_cfg_file.rsplit("/", 1)

@@ -25,7 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clipadapt import protocols, trained_state
-from clipadapt.app import as_command, error_line
+from clipadapt.app import as_command
+from clipadapt.config import error_line
 from clipadapt.data.benchmarks import IMAGENET_VARIANTS
 
 USAGE = "usage: python -m clipadapt.evaluate RUN_DIR [dataset=<id>] [protocol.targets=[a,b]] [key=value ...]"

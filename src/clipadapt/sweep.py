@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from clipadapt.config import RESULT_NEUTRAL_KEYS
+from clipadapt.config import RESULT_NEUTRAL_KEYS, error_line
 from clipadapt.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -168,10 +168,6 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> dict[str, list[Path]]:
 # ------------------------------------------------------------------------------------------- a whole multirun
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0]
-
-
 def dataset_problem(cfg: DictConfig) -> str | None:
     """Why a cell's dataset cannot be read, or None: the dataset read as a run reads it (split file, class folders),
     without looking at each image (the cell does that for the images it uses). Synthetic images are made on demand."""
@@ -223,7 +219,7 @@ def _option_problems(cells: Iterator[DictConfig]) -> list[str]:
         try:
             check_options(cfg)
         except Exception as error:  # noqa: BLE001 - any option a cell would fail on
-            problems[_first_line(error)] = None
+            problems[error_line(error)] = None
     return list(problems)
 
 
